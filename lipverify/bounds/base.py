@@ -1,0 +1,70 @@
+"""What every bound method receives and returns.
+
+Methods plug in like cvxpy's solvers: a registry of named methods over one graph representation.
+A method returns a ``BoundResult`` whose ``value`` has passed the method's own float64 check;
+``lipverify.verify`` then re-checks it independently before anything is printed as certified.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, TypeVar
+
+from lipverify.graph.ir import Graph
+
+T = TypeVar("T")
+
+
+@dataclass
+class BoundContext:
+    device: str = "cpu"
+    budget_s: float | None = None
+    budget_mem: int | None = None  # bytes
+    seed: int = 0
+    track: Callable[[Iterable[T], str, int | None], Iterable[T]] = lambda it, desc, total=None: it
+    options: dict = field(default_factory=dict)
+
+
+@dataclass
+class LayerBound:
+    name: str
+    op: str
+    in_shape: list[int]
+    out_shape: list[int]
+    factor: float  # certified Lipschitz factor of this node
+    lower: float | None  # lower estimate of the factor (power iteration / exact value)
+    how: str
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def tau(self) -> float:
+        return self.factor * self.factor
+
+    def as_dict(self) -> dict:
+        d = {"name": self.name, "op": self.op, "in_shape": self.in_shape, "out_shape": self.out_shape,
+             "factor": self.factor, "tau": self.tau, "lower": self.lower, "how": self.how}
+        d.update(self.extra)
+        return d
+
+
+@dataclass
+class BoundResult:
+    method: str
+    value: float  # certified upper bound on the Lipschitz constant
+    layers: list[LayerBound]
+    check: str  # the method's own verification that passed
+    witness: dict = field(default_factory=dict)
+    seconds: float = 0.0
+    notes: list[str] = field(default_factory=list)
+
+
+class BoundMethod:
+    name = "method"
+    description = ""
+
+    def not_applicable(self, graph: Graph) -> str | None:
+        """A reason this method cannot bound ``graph``, or None."""
+        return None
+
+    def run(self, graph: Graph, ctx: BoundContext) -> BoundResult:  # pragma: no cover - abstract
+        raise NotImplementedError

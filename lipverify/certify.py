@@ -1,0 +1,184 @@
+"""The certify pipeline: load -> extract -> check -> bound -> verify -> lower bound -> result.
+
+Everything here is importable and returns plain data; the CLI only parses arguments and renders.
+"""
+
+from __future__ import annotations
+
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import lipverify
+from lipverify.attack import lower_bound
+from lipverify.bounds import METHODS, BoundContext, BoundResult, get_method
+from lipverify.errors import SoundnessError, UserInputError
+from lipverify.graph.check import self_check
+from lipverify.graph.from_onnx import extract_onnx
+from lipverify.graph.ir import Graph
+from lipverify.graph.simplify import simplify
+from lipverify.graph.transform import select_output
+from lipverify.load import LoadedModel, load_model
+from lipverify.verify import verify
+
+SCHEMA_VERSION = "1.0"
+
+
+@dataclass
+class CertifyOptions:
+    method: str = "auto"  # a registered method name, "auto" or "all"
+    output: int | None = None
+    input_shape: tuple[int, ...] | None = None
+    spec: str | None = None
+    activation: str = "relu"
+    factory: str | None = None
+    device: str = "cpu"
+    seed: int = 0
+    max_L: float | None = None
+    lower_starts: int = 16
+    lower_budget_s: float = 20.0
+    budget_s: float | None = None
+    budget_mem: int | None = None
+    method_options: dict = field(default_factory=dict)
+
+
+def resolve_device(device: str) -> str:
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda requested but no CUDA device is available (use --device auto or cpu)")
+    if device not in ("cpu", "cuda"):
+        raise UserInputError(f"--device {device!r}: expected auto, cpu or cuda")
+    return device
+
+
+def build_graph(loaded: LoadedModel) -> tuple[Graph, dict]:
+    """Extract, simplify and self-check the IR of a loaded model."""
+    graph = extract_onnx(loaded.onnx_model, loaded.input_shape)
+    graph = simplify(graph)
+    check = self_check(graph, loaded.reference)
+    return graph, check.as_dict()
+
+
+def choose_methods(graph: Graph, method: str) -> tuple[list[str], str]:
+    """Which methods to run, and why (shown to the user)."""
+    if method == "all":
+        names = [n for n, m in METHODS.items() if m.not_applicable(graph) is None]
+        return names, "every applicable method"
+    if method == "auto":
+        names = [n for n, m in METHODS.items() if m.not_applicable(graph) is None and getattr(m, "auto", True)]
+        return names, "auto: every applicable method that fits the budget; the tightest certified bound is reported"
+    m = get_method(method)
+    reason = m.not_applicable(graph)
+    if reason:
+        raise UserInputError(f"method {method!r} cannot bound this model: {reason}")
+    return [method], "chosen by --method"
+
+
+def versions() -> dict:
+    import onnx
+    import onnxruntime
+
+    return {"lipverify": lipverify.__version__, "python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "onnx": onnx.__version__, "onnxruntime": onnxruntime.__version__}
+
+
+def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
+    """Certify a model file; returns the certificate dict (the documented JSON schema)."""
+    opts = opts or CertifyOptions()
+    track = track or (lambda it, desc, total=None: it)
+    torch.manual_seed(opts.seed)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    device = resolve_device(opts.device)
+
+    loaded = load_model(model_path, opts.input_shape, opts.spec, opts.activation, opts.factory)
+    timings["load_s"] = time.perf_counter() - t0
+
+    t = time.perf_counter()
+    graph, check = build_graph(loaded)
+    timings["extract_s"] = time.perf_counter() - t
+    bounded = select_output(graph, opts.output) if opts.output is not None else graph
+
+    names, why = choose_methods(bounded, opts.method)
+    ctx = BoundContext(device=device, budget_s=opts.budget_s, budget_mem=opts.budget_mem, seed=opts.seed,
+                       track=track, options=dict(opts.method_options))
+    results: dict[str, BoundResult] = {}
+    verification: dict[str, str] = {}
+    notes = list(loaded.notes)
+    t = time.perf_counter()
+    for name in names:
+        result = METHODS[name].run(bounded, ctx)
+        verification[name] = verify(bounded, result)  # raises SoundnessError if it does not hold
+        results[name] = result
+        notes += result.notes
+    timings["bound_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    lb = lower_bound(bounded.forward, bounded.input_shape, starts=opts.lower_starts, seed=opts.seed,
+                     budget_s=opts.lower_budget_s)
+    timings["lower_s"] = time.perf_counter() - t
+
+    best = min(results.values(), key=lambda r: r.value)
+    for r in results.values():
+        if lb.value > r.value * (1 + 1e-9):
+            raise SoundnessError(f"BUG: the sampled lower bound {lb.value:.6g} exceeds the certified bound "
+                                 f"{r.value:.6g} of method {r.method}. The certificate is wrong; please report it.")
+    timings["total_s"] = time.perf_counter() - t0
+
+    gates = []
+    if opts.max_L is not None:
+        gates.append({"name": "max-L", "threshold": opts.max_L, "value": best.value, "passed": best.value <= opts.max_L})
+
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "model": {"path": str(Path(model_path)), "sha256": loaded.sha256, "format": loaded.format,
+                  "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape),
+                  "data_files": loaded.data_files},
+        "method": best.method,
+        "method_reason": why,
+        "output": opts.output,
+        "certified_bound": best.value,
+        "lower_bound": lb.value,
+        "ratio": lb.value / best.value if best.value > 0 else 1.0,
+        "bounds": {n: r.value for n, r in results.items()},
+        "layers": [l.as_dict() for l in best.layers],
+        "methods": {n: {"value": r.value, "seconds": r.seconds, "check": r.check, "layers": [l.as_dict() for l in r.layers]}
+                    for n, r in results.items()},
+        "verification": verification,
+        "self_check": check,
+        "device": device,
+        "timings": timings,
+        "versions": versions(),
+        "gates": gates,
+        "notes": notes,
+    }
+
+
+def gates_passed(cert: dict) -> bool:
+    return all(g["passed"] for g in cert.get("gates", []))
+
+
+def inspect(model_path, opts: CertifyOptions | None = None) -> dict:
+    """The extracted graph, for ``lipverify inspect``."""
+    opts = opts or CertifyOptions()
+    loaded = load_model(model_path, opts.input_shape, opts.spec, opts.activation, opts.factory)
+    graph, check = build_graph(loaded)
+    rows = graph.summary_rows()
+    for row, node in zip(rows, graph.nodes):
+        row["inputs"] = [i if i != graph.input_name else "input" for i in node.inputs]
+        row["kind"] = node.op.kind
+        slopes = getattr(node.op, "slopes", None)
+        row["slopes"] = list(slopes) if slopes is not None else None
+    return {"model": {"path": str(model_path), "format": loaded.format, "sha256": loaded.sha256,
+                      "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape)},
+            "nodes": rows, "self_check": check, "notes": loaded.notes,
+            "chain": graph.is_chain(), "supported": True,
+            "methods": {n: (m.not_applicable(graph) or "applicable") for n, m in METHODS.items()},
+            "n_parameters": int(sum(math.prod(t.shape) for n in graph.nodes for t in vars(n.op).values()
+                                    if isinstance(t, torch.Tensor)))}

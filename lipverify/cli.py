@@ -1,0 +1,135 @@
+"""Command-line interface. Parses arguments, calls the library, renders. No math here."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+from lipverify.errors import LipverifyError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Certified L2 Lipschitz bounds for trained neural networks (ONNX, safetensors, TorchScript).")
+out = Console()
+err = Console(stderr=True)
+
+EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_SOUNDNESS = 0, 1, 2, 3
+
+
+@contextlib.contextmanager
+def progress_tracker(enabled: bool):
+    """A ``track(iterable, description, total)`` function drawing rich progress bars on stderr."""
+    if not enabled:
+        yield lambda it, desc, total=None: it
+        return
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                        TimeElapsedColumn(), console=err, transient=True)
+
+    def track(iterable, description, total=None):
+        return progress.track(iterable, total=total, description=description)
+
+    with progress:
+        yield track
+
+
+def _fail(exc: LipverifyError) -> None:
+    label = "soundness failure" if exc.exit_code == EXIT_SOUNDNESS else "error"
+    err.print(f"[bold red]{label}:[/] {exc}", highlight=False)
+    raise typer.Exit(exc.exit_code)
+
+
+def _options(method, output, input_shape, spec, activation, factory, device, seed, max_l, lower_starts,
+             budget_s=None, budget_mem=None):
+    from lipverify.certify import CertifyOptions
+    from lipverify.load.model import parse_shape
+
+    return CertifyOptions(method=method, output=output, input_shape=parse_shape(input_shape), spec=spec,
+                          activation=activation, factory=factory, device=device, seed=seed, max_L=max_l,
+                          lower_starts=lower_starts, budget_s=budget_s, budget_mem=budget_mem)
+
+
+@app.command()
+def certify(
+    model: str = typer.Argument(..., help="Model file: .onnx, .safetensors (+ spec), .pt/.ts TorchScript, or a state dict with --factory."),
+    method: str = typer.Option("auto", "--method", "-m", help="Bound method: auto, all, or a method name (see `lipverify methods`)."),
+    output: Optional[int] = typer.Option(None, "--output", help="Bound one logit only (index)."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the certificate as JSON to this path."),
+    max_l: Optional[float] = typer.Option(None, "--max-L", help="Gate: exit 1 when the certified bound exceeds this."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28, where the file does not say."),
+    spec: Optional[str] = typer.Option(None, "--spec", help="Architecture spec (JSON) for a .safetensors file."),
+    activation: str = typer.Option("relu", "--activation", help="Activation assumed when a safetensors MLP is inferred without a spec."),
+    factory: Optional[str] = typer.Option(None, "--factory", help="package.module:function building the nn.Module for a state-dict file."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampled lower bound and of randomized methods."),
+    lower_starts: int = typer.Option(16, "--lower-starts", help="Random starts of the lower-bound search."),
+    budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Time budget (s) used by --method auto."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No tables, no progress bars (exit code and --json only)."),
+):
+    """Certify an upper bound on the global L2 Lipschitz constant, with per-layer factors and a sampled lower bound."""
+    from lipverify.certify import certify as run_certify, gates_passed
+    from lipverify.fileio import write_json
+    from lipverify.report.table import render_certificate
+
+    try:
+        opts = _options(method, output, input_shape, spec, activation, factory, device, seed, max_l, lower_starts,
+                        budget_s)
+        with progress_tracker(not quiet and err.is_terminal) as track:
+            cert = run_certify(model, opts, track=track)
+        if json_path:
+            write_json(json_path, cert)
+    except LipverifyError as exc:
+        _fail(exc)
+    if not quiet:
+        render_certificate(cert, out)
+    if not gates_passed(cert):
+        err.print("[bold red]gate failed[/]: " + "; ".join(
+            f"{g['name']}: {g['value']:.6g} > {g['threshold']}" for g in cert["gates"] if not g["passed"]))
+        raise typer.Exit(EXIT_GATE)
+
+
+@app.command()
+def inspect(
+    model: str = typer.Argument(..., help="Model file."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape where the file does not say."),
+    spec: Optional[str] = typer.Option(None, "--spec", help="Architecture spec for .safetensors."),
+    activation: str = typer.Option("relu", "--activation"),
+    factory: Optional[str] = typer.Option(None, "--factory"),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the extracted graph as JSON."),
+):
+    """Show the extracted graph: layers, shapes, slopes, and which methods apply."""
+    from lipverify.certify import inspect as run_inspect
+    from lipverify.fileio import write_json
+    from lipverify.report.table import render_inspect
+
+    try:
+        info = run_inspect(model, _options("auto", None, input_shape, spec, activation, factory, "cpu", 0, None, 0))
+        if json_path:
+            write_json(json_path, info)
+    except LipverifyError as exc:
+        _fail(exc)
+    render_inspect(info, out)
+
+
+@app.command()
+def methods():
+    """List the registered bound methods."""
+    from lipverify.bounds import METHODS
+
+    for name, m in METHODS.items():
+        out.print(f"[bold]{name}[/]: {m.description}")
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

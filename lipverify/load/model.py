@@ -1,0 +1,236 @@
+"""Load ONNX, TorchScript, safetensors (+ spec) and Python ``nn.Module`` factories.
+
+Whatever the format, the result is a ``LoadedModel``:
+- ``onnx_model``: the network as an ONNX graph, the single input of graph extraction. Torch models
+  are exported in memory with torch's TorchScript-based exporter.
+- ``reference``: a function computing the model exactly as the user's file does (onnxruntime for
+  ONNX files, the torch module itself otherwise), used to check the extracted graph.
+- ``torch_module``: a trainable torch module when one exists (fine-tuning).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import io
+import sys
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import onnx
+import torch
+from onnx import numpy_helper
+
+from lipverify.errors import UserInputError
+
+ONNX_SUFFIXES = {".onnx"}
+TORCHSCRIPT_SUFFIXES = {".pt", ".pth", ".ts", ".jit", ".torchscript"}
+SAFETENSORS_SUFFIXES = {".safetensors"}
+EXPORT_OPSET = 17
+
+
+@dataclass
+class LoadedModel:
+    path: Path
+    format: str  # "onnx" | "torchscript" | "safetensors" | "module"
+    sha256: str
+    onnx_model: onnx.ModelProto
+    reference: Callable[[np.ndarray], np.ndarray]
+    input_shape: tuple[int, ...] | None
+    torch_module: torch.nn.Module | None = None
+    notes: list[str] = field(default_factory=list)
+    data_files: dict[str, str] = field(default_factory=dict)  # external data file -> sha256
+    spec: dict | None = None
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def parse_shape(text: str | None) -> tuple[int, ...] | None:
+    if text is None or text == "":
+        return None
+    try:
+        dims = tuple(int(t) for t in text.replace("x", ",").replace("(", "").replace(")", "").split(",") if t.strip())
+    except ValueError:
+        raise UserInputError(f"--input-shape {text!r} is not a comma-separated list of integers, e.g. 1,28,28")
+    if not dims or any(d <= 0 for d in dims):
+        raise UserInputError(f"--input-shape {text!r} must have positive dimensions")
+    if np.prod(dims) > 50_000_000:
+        raise UserInputError(f"--input-shape {text!r} is absurdly large ({int(np.prod(dims))} values per sample)")
+    return dims
+
+
+def check_finite_initializers(model: onnx.ModelProto) -> None:
+    for init in model.graph.initializer:
+        arr = numpy_helper.to_array(init)
+        if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
+            raise UserInputError(f"the weights contain NaN or Inf (tensor {init.name!r}); nothing to certify")
+
+
+# ------------------------------------------------------------------------------------------------
+# ONNX
+def load_onnx(path: Path, input_shape=None) -> LoadedModel:
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except FileNotFoundError as exc:
+        raise UserInputError(f"{path}: an external data file is missing ({exc.filename or exc}); keep the "
+                             ".onnx file and its data file(s) together") from exc
+    except Exception as exc:  # protobuf DecodeError, onnx errors, ...
+        raise UserInputError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})".split("\n")[0]) from exc
+    if not model.graph.node:
+        raise UserInputError(f"{path}: the ONNX graph is empty (not a valid model file)")
+    check_finite_initializers(model)
+    data_files = {}
+    for init in model.graph.initializer:
+        for entry in init.external_data:
+            if entry.key == "location":
+                f = path.parent / entry.value
+                if entry.value not in data_files and f.exists():
+                    data_files[entry.value] = sha256_file(f)
+    serialized = model.SerializeToString()
+
+    def reference(x: np.ndarray) -> np.ndarray:
+        import onnxruntime as ort
+
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        if not hasattr(reference, "session"):
+            reference.session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+        s = reference.session
+        return s.run(None, {s.get_inputs()[0].name: x.astype(np.float32)})[0]
+
+    return LoadedModel(path, "onnx", sha256_file(path), model, reference, input_shape, data_files=data_files)
+
+
+# ------------------------------------------------------------------------------------------------
+# torch sources (TorchScript, safetensors + spec, nn.Module factory) -> ONNX in memory
+def torch_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    example = torch.randn((2,) + tuple(input_shape))
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=EXPORT_OPSET,
+                              input_names=["input"], output_names=["output"],
+                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+    except Exception as exc:
+        raise UserInputError(f"could not trace the model on input shape {tuple(input_shape)}: "
+                             f"{type(exc).__name__}: {exc}".split("\n")[0]) from exc
+    return onnx.load_from_string(buffer.getvalue())
+
+
+def _torch_reference(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
+    def reference(x: np.ndarray) -> np.ndarray:
+        with torch.no_grad():
+            out = module(torch.from_numpy(np.asarray(x, dtype=np.float32)))
+        if isinstance(out, (tuple, list)):
+            out = out[0]
+        return out.detach().float().numpy()
+
+    return reference
+
+
+def _guess_input_shape(module: torch.nn.Module) -> tuple[int, ...] | None:
+    """A dense first layer tells its input size; anything else needs --input-shape."""
+    for p in module.parameters():
+        return (int(p.shape[1]),) if p.dim() == 2 else None
+    return None
+
+
+def _check_finite_module(module: torch.nn.Module) -> None:
+    for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise UserInputError(f"the weights contain NaN or Inf (tensor {name!r}); nothing to certify")
+
+
+def _from_torch(path, fmt, module, input_shape, notes, sha, spec=None) -> LoadedModel:
+    module.eval()
+    _check_finite_module(module)
+    if input_shape is None:
+        input_shape = _guess_input_shape(module)
+        if input_shape is None:
+            raise UserInputError(f"{path}: the input shape is not stored in a {fmt} file; pass --input-shape "
+                                 "(per sample, without the batch axis), e.g. --input-shape 1,28,28")
+        notes.append(f"input shape {input_shape} inferred from the first weight matrix")
+    model = torch_to_onnx(module, input_shape)
+    return LoadedModel(path, fmt, sha, model, _torch_reference(module), tuple(input_shape), module, notes, spec=spec)
+
+
+def load_torchscript(path: Path, input_shape=None) -> LoadedModel:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            module = torch.jit.load(str(path), map_location="cpu")
+        except Exception as exc:
+            hint = ""
+            try:
+                obj = torch.load(str(path), map_location="cpu", weights_only=True)
+                if isinstance(obj, dict):
+                    hint = " It looks like a state dict: pass --factory package.module:function to build the network."
+            except Exception:
+                pass
+            raise UserInputError(f"{path}: not a TorchScript archive ({type(exc).__name__}).{hint}") from exc
+    return _from_torch(path, "torchscript", module, input_shape, [], sha256_file(path))
+
+
+def load_safetensors(path: Path, input_shape=None, spec_path=None, activation="relu") -> LoadedModel:
+    from lipverify.load.spec import load_safetensors_model
+
+    module, spec, notes = load_safetensors_model(path, spec_path=spec_path, activation=activation,
+                                                 input_shape=input_shape)
+    shape = input_shape or (tuple(spec["input_shape"]) if spec.get("input_shape") else None)
+    return _from_torch(path, "safetensors", module, shape, list(notes), sha256_file(path), spec=spec)
+
+
+def load_module(path: Path, factory: str, input_shape=None) -> LoadedModel:
+    """``factory`` is ``package.module:callable`` returning an nn.Module; ``path`` a state dict."""
+    if ":" not in factory:
+        raise UserInputError(f"--factory {factory!r} must look like package.module:function")
+    mod_name, fn_name = factory.split(":", 1)
+    sys.path.insert(0, str(Path.cwd()))
+    try:
+        fn = getattr(importlib.import_module(mod_name), fn_name)
+    except (ImportError, AttributeError) as exc:
+        raise UserInputError(f"--factory {factory!r}: cannot import ({exc})") from exc
+    finally:
+        sys.path.pop(0)
+    module = fn()
+    if not isinstance(module, torch.nn.Module):
+        raise UserInputError(f"--factory {factory!r} returned {type(module).__name__}, not a torch.nn.Module")
+    try:
+        state = torch.load(str(path), map_location="cpu", weights_only=True)
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        module.load_state_dict(state)
+    except Exception as exc:
+        raise UserInputError(f"{path}: could not load the state dict into {factory}: {exc}".split("\n")[0]) from exc
+    return _from_torch(path, "module", module, input_shape, [f"built by {factory}"], sha256_file(path))
+
+
+def load_model(path, input_shape=None, spec_path=None, activation="relu", factory=None) -> LoadedModel:
+    path = Path(path)
+    if not path.exists():
+        raise UserInputError(f"{path}: no such file")
+    if path.is_dir():
+        raise UserInputError(f"{path}: is a directory, expected a model file")
+    if isinstance(input_shape, str):
+        input_shape = parse_shape(input_shape)
+    if factory:
+        return load_module(path, factory, input_shape)
+    suffix = path.suffix.lower()
+    if suffix in ONNX_SUFFIXES:
+        return load_onnx(path, input_shape)
+    if suffix in SAFETENSORS_SUFFIXES:
+        return load_safetensors(path, input_shape, spec_path, activation)
+    if suffix in TORCHSCRIPT_SUFFIXES:
+        return load_torchscript(path, input_shape)
+    raise UserInputError(f"{path}: unknown model format {suffix!r} (expected .onnx, .safetensors, "
+                         ".pt/.ts TorchScript, or a state dict with --factory)")

@@ -1,0 +1,75 @@
+"""Base classes of the Lipschitz graph's operations.
+
+Every op acts on a batch ``[B, *shape]`` and knows its own Lipschitz rule, the way auto_LiRPA's
+bound classes each know their bound: adding an operation is adding one class.
+
+- ``Op``: a unary map with a certified Lipschitz factor (``factor``) and a lower estimate.
+- ``LinearOp``: a linear map (no offset). Its factor is its operator norm, and it exposes ``apply``
+  (the linear part alone) so generic tools (power iteration, sketches) work on it.
+- ``MergeOp``: combines several inputs (residual Add, Concat); it knows how Lipschitz bounds of
+  its inputs combine.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from lipverify.norms.margin import NormResult
+
+
+class Op:
+    """A unary operation x -> op(x) on a batch."""
+
+    kind = "Op"
+    arity = 1
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def factor(self, in_shape: tuple[int, ...], device: str = "cpu") -> NormResult:
+        """Certified upper bound on the L2 Lipschitz constant of this op on inputs of ``in_shape``."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def describe(self) -> str:
+        return self.kind
+
+    def to(self, dtype: torch.dtype) -> "Op":
+        """Cast stored tensors (weights) to ``dtype``; returns self."""
+        for name, value in vars(self).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                setattr(self, name, value.to(dtype))
+        return self
+
+
+class LinearOp(Op):
+    """A linear map A (no offset). ``forward == apply``; the factor is ||A||_2."""
+
+    kind = "Linear"
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply(x)
+
+
+class MergeOp:
+    """An operation of several inputs."""
+
+    kind = "Merge"
+    arity = 2
+
+    def forward(self, *xs: torch.Tensor) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def combine(self, input_bounds: Sequence[float]) -> float:
+        """Lipschitz bound of the output given bounds of each input w.r.t. the network input."""
+        raise NotImplementedError  # pragma: no cover - abstract
+
+    def describe(self) -> str:
+        return self.kind
+
+    def to(self, dtype: torch.dtype) -> "MergeOp":
+        return self

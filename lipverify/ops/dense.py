@@ -1,0 +1,74 @@
+"""Dense maps: Gemm, MatMul with a constant, Linear; and per-element scalings and shifts."""
+
+from __future__ import annotations
+
+import torch
+
+from lipverify.norms.dense import dense_norm
+from lipverify.norms.margin import NormResult
+from lipverify.ops.base import LinearOp, Op
+
+
+class Dense(LinearOp):
+    """y = x W^T (+ b), acting on the last axis of each sample (so ``(..., in) -> (..., out)``).
+
+    On a per-sample shape (..., in) the map is I ⊗ W, whose operator norm is ||W||_2.
+    """
+
+    kind = "Dense"
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None):
+        self.weight = weight  # (out, in)
+        self.bias = bias  # (out,) or None
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.weight.T
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.apply(x)
+        return y if self.bias is None else y + self.bias
+
+    def factor(self, in_shape, device="cpu") -> NormResult:
+        return dense_norm(self.weight, device=device)
+
+    def describe(self) -> str:
+        return f"Dense {self.weight.shape[1]}→{self.weight.shape[0]}"
+
+
+class Scale(LinearOp):
+    """Elementwise multiplication by a constant tensor broadcast over the per-sample shape.
+
+    Comes from BatchNorm's scale, input normalization (x / σ), Mul/Div/Neg by constants.
+    A diagonal map: its norm is max |scale| exactly.
+    """
+
+    kind = "Scale"
+
+    def __init__(self, scale: torch.Tensor):
+        self.scale = scale  # broadcastable to the per-sample shape (no batch axis)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.scale
+
+    def factor(self, in_shape, device="cpu") -> NormResult:
+        value = float(self.scale.abs().max()) if self.scale.numel() else 0.0
+        # exact up to the float64 rounding of the stored constant: inflate by a few ulps
+        return NormResult(upper=value * (1 + 1e-15) , lower=value, method="exact (max |scale|)")
+
+    def describe(self) -> str:
+        return f"Scale {tuple(self.scale.shape)}"
+
+
+class Shift(Op):
+    """x + c for a constant c (bias Add, BatchNorm's offset, input mean subtraction). Factor 1."""
+
+    kind = "Shift"
+
+    def __init__(self, shift: torch.Tensor):
+        self.shift = shift
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.shift
+
+    def factor(self, in_shape, device="cpu") -> NormResult:
+        return NormResult(upper=1.0, lower=1.0, method="exact (translation)")

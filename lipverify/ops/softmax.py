@@ -1,0 +1,21 @@
+"""Softmax over a per-sample axis. It is 1-Lipschitz in L2 (Gao & Pavel 2017, Prop. 4)."""
+
+from __future__ import annotations
+
+import torch
+
+from lipverify.norms.margin import NormResult
+from lipverify.ops.base import Op
+
+
+class Softmax(Op):
+    kind = "Softmax"
+
+    def __init__(self, axis: int):
+        self.axis = int(axis)  # per-sample axis
+
+    def forward(self, x):
+        return torch.softmax(x, dim=self.axis + 1)
+
+    def factor(self, in_shape, device="cpu"):
+        return NormResult(upper=1.0, lower=0.0, method="1-Lipschitz (Gao & Pavel 2017)")

@@ -1,0 +1,1 @@
+"""Renderers: rich tables for people, JSON for machines, HTML/Markdown audit reports."""

@@ -1,0 +1,76 @@
+"""Rich tables for the terminal. They read only the certificate dict."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _fmt(x, digits=6) -> str:
+    if x is None:
+        return "–"
+    if isinstance(x, float):
+        return f"{x:.{digits}g}"
+    return str(x)
+
+
+def layer_table(cert: dict) -> Table:
+    table = Table(title=f"Per-layer factors ({cert['method']})", show_lines=False)
+    for col, justify in (("#", "right"), ("layer (source)", "left"), ("operation", "left"), ("in → out", "left"),
+                         ("factor", "right"), ("τ = factor²", "right"), ("lower est.", "right"), ("gap", "right"),
+                         ("how", "left")):
+        table.add_column(col, justify=justify, overflow="fold")
+    for i, l in enumerate(cert["layers"]):
+        gap = l["factor"] / l["lower"] if l.get("lower") else None
+        shapes = f"{tuple(l['in_shape'])} → {tuple(l['out_shape'])}"
+        table.add_row(str(i), l["name"], l["op"], shapes, _fmt(l["factor"]), _fmt(l["tau"]), _fmt(l.get("lower")),
+                      _fmt(gap, 4) if gap else "–", l.get("how", ""))
+    return table
+
+
+def summary_table(cert: dict) -> Table:
+    table = Table(title="Certified global L2 Lipschitz bound", show_header=False)
+    table.add_column("", style="bold")
+    table.add_column("")
+    target = "whole output" if cert.get("output") is None else f"output {cert['output']}"
+    table.add_row("model", f"{cert['model']['path']} ({cert['model']['format']}, input {tuple(cert['model']['input_shape'])})")
+    table.add_row("bounded map", target)
+    for name, value in sorted(cert["bounds"].items(), key=lambda kv: kv[1]):
+        mark = "  ← certified" if name == cert["method"] else ""
+        table.add_row(f"bound ({name})", f"{value:.6g}{mark}")
+    table.add_row("certified bound", f"[bold green]{cert['certified_bound']:.6g}[/]")
+    table.add_row("sampled lower bound", f"{cert['lower_bound']:.6g}")
+    table.add_row("lower / upper", f"{cert['ratio']:.3f}")
+    table.add_row("method", f"{cert['method']} ({cert.get('method_reason', '')})")
+    table.add_row("verified by", cert["verification"][cert["method"]])
+    table.add_row("device", cert["device"])
+    table.add_row("wall time", f"{cert['timings']['total_s']:.2f} s")
+    for g in cert.get("gates", []):
+        status = "[green]PASS[/]" if g["passed"] else "[red]FAIL[/]"
+        table.add_row(f"gate {g['name']} ≤ {g['threshold']}", f"{status} ({_fmt(g['value'])})")
+    return table
+
+
+def render_certificate(cert: dict, console: Console) -> None:
+    console.print(layer_table(cert))
+    console.print(summary_table(cert))
+    for note in cert.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
+
+
+def render_inspect(info: dict, console: Console) -> None:
+    table = Table(title=f"Extracted graph of {info['model']['path']} ({info['model']['format']})")
+    for col in ("#", "node (source)", "kind", "operation", "in → out", "inputs"):
+        table.add_column(col, overflow="fold")
+    for i, n in enumerate(info["nodes"]):
+        table.add_row(str(i), n["name"], n["kind"], n["op"], f"{tuple(n['in_shape'])} → {tuple(n['out_shape'])}",
+                      ", ".join(n["inputs"]))
+    console.print(table)
+    console.print(f"self-check: max |IR − model| = {info['self_check']['max_abs_diff']:.3g} "
+                  f"(tolerance {info['self_check']['tolerance']:.3g}) on {info['self_check']['samples']} random inputs")
+    console.print(f"structure: {'plain chain' if info['chain'] else 'DAG (residual/concat)'}; "
+                  f"{info['n_parameters']} parameters")
+    for name, status in info["methods"].items():
+        console.print(f"method {name}: {status}")
+    for note in info.get("notes", []):
+        console.print(f"[yellow]note:[/] {note}")
