@@ -41,10 +41,14 @@ class CertifyOptions:
     seed: int = 0
     max_L: float | None = None
     lower_starts: int = 16
-    lower_budget_s: float = 20.0
+    lower_budget_s: float = 10.0
     budget_s: float | None = None
     budget_mem: int | None = None
     method_options: dict = field(default_factory=dict)
+    data: "DataOptions | None" = None  # certified radii on a dataset
+    min_certified_acc: list[tuple[float, float]] = field(default_factory=list)  # (accuracy, eps) gates
+    per_sample_csv: str | None = None
+    reports: list[str] = field(default_factory=list)  # .html / .md audit reports
 
 
 def resolve_device(device: str) -> str:
@@ -97,6 +101,10 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(opts.device)
 
+    model_file = Path(model_path).resolve()
+    for path in [opts.per_sample_csv, *opts.reports]:
+        if path and Path(path).resolve() == model_file:
+            raise UserInputError(f"refusing to overwrite the model file {path} with an output")
     loaded = load_model(model_path, opts.input_shape, opts.spec, opts.activation, opts.factory)
     timings["load_s"] = time.perf_counter() - t0
 
@@ -129,13 +137,32 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
         if lb.value > r.value * (1 + 1e-9):
             raise SoundnessError(f"BUG: the sampled lower bound {lb.value:.6g} exceeds the certified bound "
                                  f"{r.value:.6g} of method {r.method}. The certificate is wrong; please report it.")
+
+    data_summary, radii = None, None
+    if opts.data is not None:
+        from lipverify.robustness import evaluate
+
+        if opts.output is not None:
+            raise UserInputError("--output and --data cannot be combined: radii need the whole logit map")
+        for _, eps in opts.min_certified_acc:
+            if eps not in opts.data.eps:
+                opts.data.eps = sorted(set(opts.data.eps) | {eps})
+        t = time.perf_counter()
+        data_summary, radii = evaluate(graph, loaded.reference, best.value, names, ctx, opts.data, track)
+        timings["data_s"] = time.perf_counter() - t
     timings["total_s"] = time.perf_counter() - t0
 
     gates = []
     if opts.max_L is not None:
         gates.append({"name": "max-L", "threshold": opts.max_L, "value": best.value, "passed": best.value <= opts.max_L})
+    for acc, eps in opts.min_certified_acc:
+        if data_summary is None:
+            raise UserInputError("--min-certified-acc needs --data")
+        value = data_summary["certified_accuracy"][_eps_key(eps)]
+        gates.append({"name": f"min-certified-acc@{eps:g}", "threshold": acc, "value": value, "passed": value >= acc,
+                      "direction": ">="})
 
-    return {
+    cert = {
         "schema_version": SCHEMA_VERSION,
         "model": {"path": str(Path(model_path)), "sha256": loaded.sha256, "format": loaded.format,
                   "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape),
@@ -158,6 +185,42 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
         "gates": gates,
         "notes": notes,
     }
+    if data_summary is not None:
+        cert["data"] = data_summary
+    write_outputs(cert, radii, opts)
+    return cert
+
+
+def _eps_key(eps: float) -> str:
+    from lipverify.radii import _eps_key as key
+
+    return key(eps)
+
+
+def write_outputs(cert: dict, radii, opts: CertifyOptions) -> None:
+    """Per-sample CSV and audit reports (all written atomically; never over the model file)."""
+    model = Path(cert["model"]["path"]).resolve()
+    for path in [opts.per_sample_csv, *opts.reports]:
+        if path and Path(path).resolve() == model:
+            raise UserInputError(f"refusing to overwrite the model file {path}")
+    if opts.per_sample_csv:
+        if radii is None:
+            raise UserInputError("--per-sample needs --data")
+        from lipverify.radii import write_csv
+
+        write_csv(radii, opts.data.eps, opts.per_sample_csv)
+    for path in opts.reports:
+        suffix = Path(path).suffix.lower()
+        if suffix in (".html", ".htm"):
+            from lipverify.report.html import write_html
+
+            write_html(cert, path)
+        elif suffix in (".md", ".markdown"):
+            from lipverify.report.markdown import write_markdown
+
+            write_markdown(cert, path)
+        else:
+            raise UserInputError(f"--report {path}: expected a .html or .md file name")
 
 
 def gates_passed(cert: dict) -> bool:

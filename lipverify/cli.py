@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-from lipverify.errors import LipverifyError
+from lipverify.errors import LipverifyError, UserInputError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Certified L2 Lipschitz bounds for trained neural networks (ONNX, safetensors, TorchScript).")
@@ -34,6 +34,24 @@ def progress_tracker(enabled: bool):
 
     with progress:
         yield track
+
+
+def _parse_floats(text: str, option: str) -> list[float]:
+    try:
+        values = [float(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise UserInputError(f"{option} {text!r}: expected comma-separated numbers")
+    if not values:
+        raise UserInputError(f"{option} is empty")
+    return values
+
+
+def _parse_gate(text: str) -> tuple[float, float]:
+    try:
+        acc, eps = text.split("@")
+        return float(acc), float(eps)
+    except ValueError:
+        raise UserInputError(f"--min-certified-acc {text!r}: expected ACC@EPS, e.g. 0.6@0.25")
 
 
 def _fail(exc: LipverifyError) -> None:
@@ -67,6 +85,17 @@ def certify(
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled lower bound and of randomized methods."),
     lower_starts: int = typer.Option(16, "--lower-starts", help="Random starts of the lower-bound search."),
     budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Time budget (s) used by --method auto."),
+    data: Optional[str] = typer.Option(None, "--data", help="Dataset for certified radii: .npz, .pt, .safetensors, .csv or an image folder."),
+    eps: str = typer.Option("0.1,0.25,0.5", "--eps", help="Comma-separated L2 radii for certified accuracy."),
+    x_key: str = typer.Option("x", "--x-key", help="Name of the input array in --data."),
+    y_key: str = typer.Option("y", "--y-key", help="Name of the label array in --data."),
+    label_column: str = typer.Option("label", "--label-column", help="Label column of a CSV dataset."),
+    transform: Optional[str] = typer.Option(None, "--transform", help="Image/array transform, e.g. resize=28,grayscale,to_tensor,normalize=0.1307/0.3081"),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use N samples (a seeded random subset)."),
+    batch_size: int = typer.Option(256, "--batch-size", help="Batch size for --data."),
+    per_sample: Optional[str] = typer.Option(None, "--per-sample", help="Write per-sample radii to this CSV."),
+    report: list[str] = typer.Option([], "--report", help="Write an audit report (.html or .md); repeatable."),
+    min_certified_acc: list[str] = typer.Option([], "--min-certified-acc", help="Gate ACC@EPS, e.g. 0.6@0.25; repeatable."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No tables, no progress bars (exit code and --json only)."),
 ):
     """Certify an upper bound on the global L2 Lipschitz constant, with per-layer factors and a sampled lower bound."""
@@ -77,6 +106,17 @@ def certify(
     try:
         opts = _options(method, output, input_shape, spec, activation, factory, device, seed, max_l, lower_starts,
                         budget_s)
+        opts.per_sample_csv, opts.reports = per_sample, list(report)
+        opts.min_certified_acc = [_parse_gate(g) for g in min_certified_acc]
+        if data is not None:
+            from lipverify.data import DataSpec
+            from lipverify.robustness import DataOptions
+
+            if limit is not None and limit <= 0:
+                raise UserInputError("--limit must be positive")
+            spec_ = DataSpec(path=data, x_key=x_key, y_key=y_key, label_column=label_column, transform=transform,
+                             limit=limit, seed=seed, batch_size=batch_size)
+            opts.data = DataOptions(spec=spec_, eps=_parse_floats(eps, "--eps"))
         with progress_tracker(not quiet and err.is_terminal) as track:
             cert = run_certify(model, opts, track=track)
         if json_path:

@@ -23,6 +23,7 @@ class BoundContext:
     seed: int = 0
     track: Callable[[Iterable[T], str, int | None], Iterable[T]] = lambda it, desc, total=None: it
     options: dict = field(default_factory=dict)
+    cache: dict = field(default_factory=dict)  # shared by runs on related graphs (e.g. pairwise outputs)
 
 
 @dataclass

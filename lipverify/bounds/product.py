@@ -7,7 +7,10 @@ squares). On a chain this is the product of the per-layer factors.
 
 from __future__ import annotations
 
+import hashlib
 import time
+
+import torch
 
 from lipverify.bounds import register
 from lipverify.bounds.base import BoundContext, BoundMethod, BoundResult, LayerBound
@@ -27,12 +30,28 @@ def propagate(graph: Graph, factors: dict[str, float]) -> float:
     return inflate(bound[graph.output], len(graph.nodes))
 
 
+def op_fingerprint(op, in_shape) -> str:
+    """Identifies an op by its type, geometry and exact tensor contents (for caching norms)."""
+    h = hashlib.sha1(f"{type(op).__name__}|{op.describe()}|{tuple(in_shape)}".encode())
+    for name, value in sorted(vars(op).items()):
+        if isinstance(value, torch.Tensor):
+            h.update(name.encode())
+            h.update(value.detach().cpu().contiguous().numpy().tobytes())
+        else:
+            h.update(f"{name}={value!r}".encode())
+    return h.hexdigest()
+
+
 def layer_factors(graph: Graph, ctx: BoundContext) -> list[tuple]:
-    """(node, NormResult) for every unary node, with a progress bar."""
+    """(node, NormResult) for every unary node, with a progress bar; cached across related graphs."""
     out = []
     unary = [n for n in graph.nodes if not n.is_merge]
+    cache = ctx.cache.setdefault("factors", {})
     for n in ctx.track(unary, "per-layer norms", len(unary)):
-        out.append((n, n.op.factor(graph.in_shape(n), device=ctx.device)))
+        key = op_fingerprint(n.op, graph.in_shape(n))
+        if key not in cache:
+            cache[key] = n.op.factor(graph.in_shape(n), device=ctx.device)
+        out.append((n, cache[key]))
     return out
 
 

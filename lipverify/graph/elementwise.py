@@ -14,9 +14,9 @@ import numpy as np
 import onnx
 from scipy.special import erf
 
-from lipverify.ops.activation import GELU, SiLU, Activation
+from lipverify.ops.activation import GELU, Activation, SiLU, Softplus
 
-SEEDS = {"Erf", "Sigmoid", "Tanh", "Pow", "Exp"}
+SEEDS = {"Erf", "Sigmoid", "Tanh", "Pow", "Exp", "Softplus"}
 
 UNARY = {
     "Erf": erf,
@@ -25,14 +25,19 @@ UNARY = {
     "Exp": np.exp,
     "Neg": np.negative,
     "Sqrt": np.sqrt,
+    "Softplus": lambda a: np.logaddexp(0.0, a),
 }
-BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Pow": np.power}
+BINARY = {"Add": np.add, "Sub": np.subtract, "Mul": np.multiply, "Div": np.divide, "Pow": np.power,
+          "Greater": np.greater, "Less": np.less}
+TERNARY = {"Where": np.where}  # torch's dynamo exporter writes softplus as Where(x > 20, x, softplus(x))
 
-GRID = np.linspace(-8.0, 8.0, 1601)
+# wide enough to see thresholds such as softplus's x > 20 switch
+GRID = np.linspace(-50.0, 50.0, 20001)
 CANDIDATES: list[tuple[str, callable]] = [
     ("gelu", lambda: GELU("none")),
     ("gelu_tanh", lambda: GELU("tanh")),
     ("silu", lambda: SiLU()),
+    ("softplus", lambda: Softplus()),
 ]
 
 
@@ -60,6 +65,8 @@ def _evaluate(nodes: list, source: str, consts: dict, xs: np.ndarray) -> dict[st
         args = [values[i] if i in values else float(np.asarray(consts[i]).reshape(-1)[0]) for i in n.input]
         if n.op_type in UNARY:
             values[n.output[0]] = UNARY[n.op_type](args[0])
+        elif n.op_type in TERNARY:
+            values[n.output[0]] = TERNARY[n.op_type](args[0], args[1], args[2])
         else:
             values[n.output[0]] = BINARY[n.op_type](args[0], args[1])
     return values
@@ -72,9 +79,10 @@ def find_activation_regions(model: onnx.ModelProto, consts: dict, input_name: st
         for i in n.input:
             consumers.setdefault(i, []).append(n)
     graph_outputs = {o.name for o in model.graph.output}
+    producer = {o: n for n in nodes for o in n.output}
 
     def candidate(n) -> bool:
-        if n.op_type not in UNARY and n.op_type not in BINARY:
+        if n.op_type not in UNARY and n.op_type not in BINARY and n.op_type not in TERNARY:
             return False
         if all(o in consts for o in n.output):
             return False
@@ -85,18 +93,20 @@ def find_activation_regions(model: onnx.ModelProto, consts: dict, input_name: st
     for seed in nodes:
         if seed.op_type not in SEEDS or id(seed) in used or not candidate(seed):
             continue
-        # walk back through single-data-input candidate nodes to list possible sources
-        sources = []
-        cur = seed
-        while True:
-            data = [i for i in cur.input if i and i not in consts]
-            if len(data) != 1:
-                break
-            sources.append(data[0])
-            prod = next((n for n in nodes if data[0] in n.output), None)
-            if prod is None or not candidate(prod) or id(prod) in used:
-                break
-            cur = prod
+        # walk back (breadth first) through candidate nodes: every data tensor met is a possible source
+        sources: list[str] = []
+        frontier = [seed]
+        while frontier:
+            nxt = []
+            for cur in frontier:
+                for t in cur.input:
+                    if not t or t in consts or t in sources:
+                        continue
+                    sources.append(t)
+                    prod = producer.get(t)
+                    if prod is not None and candidate(prod) and id(prod) not in used:
+                        nxt.append(prod)
+            frontier = nxt
         for source in sources:
             region = _grow(nodes, source, consts, candidate, used)
             if not any(n is seed for n in region):
@@ -126,7 +136,8 @@ def _grow(nodes, source, consts, candidate, used) -> list:
 
 def _match_output(region, source, consts, consumers, graph_outputs):
     """Latest tensor in the region that is a known activation of ``source`` and closes the region."""
-    values = _evaluate(region, source, consts, GRID)
+    with np.errstate(all="ignore"):
+        values = _evaluate(region, source, consts, GRID)
     for k in range(len(region) - 1, -1, -1):
         out = region[k].output[0]
         members = _ancestors(region[: k + 1], out, source)
@@ -138,8 +149,7 @@ def _match_output(region, source, consts, consumers, graph_outputs):
         )
         if not closed or not any(m.op_type in SEEDS for m in members):
             continue
-        with np.errstate(all="ignore"):
-            y = values[out]
+        y = values[out]
         for _, make in CANDIDATES:
             act = make()
             ref = _reference(act, GRID)

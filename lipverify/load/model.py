@@ -79,22 +79,27 @@ def check_finite_initializers(model: onnx.ModelProto) -> None:
 # ONNX
 def load_onnx(path: Path, input_shape=None) -> LoadedModel:
     try:
-        model = onnx.load(str(path), load_external_data=True)
-    except FileNotFoundError as exc:
-        raise UserInputError(f"{path}: an external data file is missing ({exc.filename or exc}); keep the "
-                             ".onnx file and its data file(s) together") from exc
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, onnx errors, ...
         raise UserInputError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})".split("\n")[0]) from exc
     if not model.graph.node:
         raise UserInputError(f"{path}: the ONNX graph is empty (not a valid model file)")
-    check_finite_initializers(model)
     data_files = {}
     for init in model.graph.initializer:
         for entry in init.external_data:
-            if entry.key == "location":
+            if entry.key == "location" and entry.value not in data_files:
                 f = path.parent / entry.value
-                if entry.value not in data_files and f.exists():
-                    data_files[entry.value] = sha256_file(f)
+                if not f.is_file():
+                    raise UserInputError(f"{path}: external data file {entry.value!r} is missing; keep the .onnx "
+                                         "file and its data file(s) together")
+                data_files[entry.value] = sha256_file(f)
+    try:
+        if data_files:
+            onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise UserInputError(f"{path}: could not read its external data ({type(exc).__name__}: {exc})"
+                             .split("\n")[0]) from exc
+    check_finite_initializers(model)
     serialized = model.SerializeToString()
 
     def reference(x: np.ndarray) -> np.ndarray:

@@ -47,13 +47,31 @@ def summary_table(cert: dict) -> Table:
     table.add_row("wall time", f"{cert['timings']['total_s']:.2f} s")
     for g in cert.get("gates", []):
         status = "[green]PASS[/]" if g["passed"] else "[red]FAIL[/]"
-        table.add_row(f"gate {g['name']} ≤ {g['threshold']}", f"{status} ({_fmt(g['value'])})")
+        op = g.get("direction", "<=").replace("<=", "≤").replace(">=", "≥")
+        table.add_row(f"gate {g['name']} {op} {g['threshold']}", f"{status} ({_fmt(g['value'])})")
+    return table
+
+
+def data_table(data: dict) -> Table:
+    table = Table(title=f"Certified robustness on {data.get('path', 'data')} (n = {data['n']})")
+    table.add_column("ε (L2)", justify="right")
+    table.add_column("certified accuracy", justify="right")
+    for eps, acc in data["certified_accuracy"].items():
+        table.add_row(eps, f"{100 * acc:.2f} %")
+    q = data.get("radius_quantiles", {})
+    table.caption = (f"clean accuracy {100 * data['clean_accuracy']:.2f} %; median certified radius "
+                     f"{q.get('median', 0):.4g} (q25 {q.get('q25', 0):.4g}, q75 {q.get('q75', 0):.4g}); "
+                     f"{data.get('n_ties', 0)} ties, {data.get('n_misclassified', 0)} misclassified; "
+                     f"form: {data.get('form')}; PGD check: {data.get('pgd_check', {}).get('attacked', 0)} attacked, "
+                     f"{data.get('pgd_check', {}).get('successes', 0)} broken")
     return table
 
 
 def render_certificate(cert: dict, console: Console) -> None:
     console.print(layer_table(cert))
     console.print(summary_table(cert))
+    if cert.get("data"):
+        console.print(data_table(cert["data"]))
     for note in cert.get("notes", []):
         console.print(f"[yellow]note:[/] {note}")
 

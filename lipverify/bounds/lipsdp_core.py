@@ -1,0 +1,554 @@
+"""LipSDP-Neuron / LipSDP-Layer for dense chains: a fast barrier solver and an independent verifier.
+
+Network: ``x_{k+1} = phi_k(W_k x_k)`` for hidden layers ``k = 0..l-1``, ``f(x) = W_l x_l``; weights
+``W_k`` have shape (out, in); hidden layer ``k`` is slope-restricted in ``[alpha_k, beta_k]`` with
+``alpha_k < beta_k`` (alpha may be negative, e.g. GELU). Biases never matter.
+
+The LMI (Fazlyab et al. 2019), written with ``c = (alpha+beta)/2``, ``d = (beta-alpha)/2``: a
+neuron ``x = phi(v)`` with multiplier ``t >= 0`` contributes the quadratic form
+``2 t [d^2 dv^2 - (dx - c dv)^2]``  (= ``t * [dv;dx]^T [[-2ab, a+b],[a+b, -2]] [dv;dx]``), and
+``L^2 <= rho`` is certified by ``A(rho, T) := -M(rho, T) >= 0`` where, over ``z = (x_0, .., x_l)``,
+
+    z^T A z = rho |x_0|^2 - |W_l x_l|^2 + sum_k 2 sum_i t_{k,i} [(x_{k+1} - c_k W_k x_k)_i^2 - d_k^2 (W_k x_k)_i^2].
+
+``A`` is block tridiagonal (blocks = layers):
+
+    A[0,0]   = rho I + 2 a_0 b_0 W_0^T T_0 W_0
+    A[k,k]   = 2 T_{k-1} + 2 a_k b_k W_k^T T_k W_k          (1 <= k <= l-1)
+    A[l,l]   = 2 T_{l-1} - W_l^T W_l
+    A[k,k+1] = -2 c_k W_k^T T_k                            (0 <= k <= l-1)
+
+Loop transformation. ``phi = c id + d psi`` with ``psi`` slope-restricted in [-1, 1]; in the
+coordinates ``(x_0, psi_0, .., psi_{l-1})`` the same quadratic form reads
+``rho|x_0|^2 - |W_l x_l|^2 + sum_k 2 d_k^2 (psi_k^T T_k psi_k - v_k^T T_k v_k)`` with
+``x_{k+1} = c_k W_k x_k + d_k psi_k``. The change of variables is lower block-triangular with
+diagonal blocks ``I, d_0 I, ..``: the loop-transformed LMI is ``J^T A J`` (a congruence), so both
+certify exactly the same (rho, T). But ``x_k`` then depends on *all* earlier ``psi_j`` (the ``c v``
+term makes every layer a skip connection), so for ``l >= 2`` hidden layers with ``c != 0`` the
+loop-transformed matrix is dense, not block tridiagonal. We therefore solve and certify with the
+plain (tridiagonal) form, and provide the loop form (``lmi_matrix(..., form="loop")``) only as an
+exactly equivalent dense matrix, used by tests and the cvxpy reference to show equality.
+
+Soundness: whatever the solver returns is a candidate ``T``. ``repair`` computes the smallest rho
+for that T by a direct formula and ``verify_lipsdp`` accepts it only if a float64 block Cholesky
+of ``A(rho, T) - mu I`` succeeds, ``mu = 1e-9 * (upper bound on ||A||_2)``; rounding in forming A
+and in the (backward-stable) block factorization is ``O(n eps ||A||)``, at least 1000x below mu
+for n < 4e3 (we use ``max(1e-9, 1e3 n eps)``). The reported value is
+``inflate(sqrt(rho_verified), n)`` (lipverify.norms.margin).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from lipverify.norms.margin import EPS64, inflate
+
+VERIFY_MARGIN_REL = 1e-9
+
+
+@dataclass
+class LipSDPResult:
+    value: float  # CERTIFIED L = sqrt(rho), inflated by the margin; only from a verified (rho, T)
+    rho: float  # verified rho
+    T: list = field(default_factory=list)  # per hidden layer multiplier diagonals (float64): the witness
+    mode: str = "neuron"
+    solver: str = "fast"
+    check: str = ""  # which verification passed
+    raw_value: float = float("nan")  # the solver's unverified sqrt(rho)
+    raw_violation: float = float("nan")  # lambda_max of the raw solver's M (>0: raw answer infeasible)
+    seconds: float = 0.0
+    info: dict = field(default_factory=dict)
+
+
+# --------------------------------------------------------------------------------------------
+# problem data
+# --------------------------------------------------------------------------------------------
+
+def _prepare(weights, slopes):
+    """float64 numpy weights + per-hidden-layer (alpha, beta); validates shapes and slopes."""
+    ws = [np.asarray(w.detach().cpu().numpy() if isinstance(w, torch.Tensor) else w, dtype=np.float64)
+          for w in weights]
+    if len(ws) < 2:
+        raise ValueError("LipSDP needs at least one hidden layer (two weight matrices)")
+    for k in range(1, len(ws)):
+        if ws[k].ndim != 2 or ws[k].shape[1] != ws[k - 1].shape[0]:
+            raise ValueError(f"weight {k} has shape {ws[k].shape}, expected (*, {ws[k - 1].shape[0]})")
+    nh = len(ws) - 1
+    if len(slopes) == 2 and np.isscalar(slopes[0]):
+        slopes = [tuple(slopes)] * nh
+    if len(slopes) != nh:
+        raise ValueError(f"need {nh} slope pairs, got {len(slopes)}")
+    sl = []
+    for a, b in slopes:
+        a, b = float(a), float(b)
+        if not (np.isfinite(a) and np.isfinite(b)) or not a < b:
+            raise ValueError(f"slope interval [{a}, {b}] must satisfy alpha < beta (fold linear layers first)")
+        sl.append((a, b))
+    for w in ws:
+        if not np.all(np.isfinite(w)):
+            raise ValueError("non-finite weight")
+    return ws, sl
+
+
+def _coeffs(sl):
+    """(2 alpha beta, -2c) per hidden layer: A's coefficients (see module docstring)."""
+    return [(2.0 * a * b, -(a + b)) for a, b in sl]
+
+
+def dims(weights):
+    return [np.shape(weights[0])[1]] + [np.shape(w)[0] for w in weights[:-1]]
+
+
+def _blocks(ws, sl, T, rho):
+    """Diagonal blocks D[0..l] (D[0] returned as None when it is rho*I exactly) and couplings C[k] = A[k,k+1]."""
+    l = len(ws) - 1
+    co = _coeffs(sl)
+    D, C = [], []
+    for k in range(l + 1):
+        n = ws[k].shape[1]
+        if k == 0:
+            blk = None if co[0][0] == 0.0 else rho * np.eye(n)
+        else:
+            blk = np.diag(2.0 * T[k - 1])
+        if k < l and co[k][0] != 0.0:
+            q = co[k][0] * (ws[k].T * T[k]) @ ws[k]
+            blk = q if blk is None else blk + q
+        if k == l:
+            blk = blk - ws[l].T @ ws[l]
+        D.append(blk)
+        if k < l:
+            C.append(co[k][1] * (ws[k].T * T[k]))
+    return D, C
+
+
+def lmi_matrix(weights, slopes, T, rho, form="plain"):
+    """Dense M(rho, T) (the LMI is M <= 0). ``form="loop"``: the loop-transformed matrix J^T M J.
+
+    For tests, the cvxpy reference and small nets only (dense, size sum of layer widths).
+    """
+    ws, sl = _prepare(weights, slopes)
+    T = [np.asarray(t, dtype=np.float64) for t in T]
+    D, C = _blocks(ws, sl, T, float(rho))
+    ns = dims(ws)
+    off = np.concatenate([[0], np.cumsum(ns)])
+    A = np.zeros((off[-1], off[-1]))
+    for k, blk in enumerate(D):
+        s = slice(off[k], off[k + 1])
+        A[s, s] = rho * np.eye(ns[0]) if blk is None else blk
+    for k, c in enumerate(C):
+        A[off[k]:off[k + 1], off[k + 1]:off[k + 2]] = c
+        A[off[k + 1]:off[k + 2], off[k]:off[k + 1]] = c.T
+    M = -A
+    if form == "plain":
+        return M
+    if form != "loop":
+        raise ValueError(form)
+    return loop_jacobian(ws, sl).T @ M @ loop_jacobian(ws, sl)
+
+
+def loop_jacobian(weights, slopes):
+    """J with (x_0, x_1, .., x_l) = J (x_0, psi_0, .., psi_{l-1}), x_{k+1} = c_k W_k x_k + d_k psi_k."""
+    ws, sl = _prepare(weights, slopes)
+    ns = dims(ws)
+    off = np.concatenate([[0], np.cumsum(ns)])
+    J = np.zeros((off[-1], off[-1]))
+    J[:ns[0], :ns[0]] = np.eye(ns[0])
+    for k in range(len(ws) - 1):
+        a, b = sl[k]
+        c, d = (a + b) / 2, (b - a) / 2
+        rows = slice(off[k + 1], off[k + 2])
+        J[rows] = c * ws[k] @ J[off[k]:off[k + 1]]
+        J[rows, off[k + 1]:off[k + 2]] += d * np.eye(ns[k + 1])
+    return J
+
+
+# --------------------------------------------------------------------------------------------
+# verification (no solver involved)
+# --------------------------------------------------------------------------------------------
+
+def verify_lipsdp(weights, slopes, T, rho, margin_rel=VERIFY_MARGIN_REL):
+    """Independent float64 check that M(rho, T) <= 0, i.e. A = -M >= mu I with an explicit margin.
+
+    Block Cholesky (forward block LDL^T) of the block-tridiagonal ``A - mu I``:
+    ``S_0 = A00 - mu I``, ``S_k = A_kk - mu I - C_{k-1}^T S_{k-1}^{-1} C_{k-1}``; every S_k must be
+    positive definite (Cholesky succeeds). ``mu = max(margin_rel, 1e3 n eps) * bound``, where
+    ``bound >= ||A||_2`` is the largest block-row sum of block norms (Frobenius, rho exact).
+    Also requires finite rho > 0 and T >= 0 elementwise (the S-procedure needs T >= 0).
+    """
+    try:
+        ws, sl = _prepare(weights, slopes)
+    except ValueError as e:
+        return False, f"bad input: {e}"
+    l = len(ws) - 1
+    ns = dims(ws)
+    rho = float(rho)
+    if not (np.isfinite(rho) and rho > 0):
+        return False, "rho must be finite and > 0"
+    if len(T) != l:
+        return False, f"need {l} multiplier vectors, got {len(T)}"
+    T = [np.asarray(t, dtype=np.float64).reshape(-1) for t in T]
+    for k, t in enumerate(T):
+        if t.shape[0] != ns[k + 1]:
+            return False, f"T[{k}] has {t.shape[0]} entries, layer has {ns[k + 1]}"
+        if not np.all(np.isfinite(t)) or np.any(t < 0):
+            return False, f"T[{k}] must be finite and >= 0"
+    D, C = _blocks(ws, sl, T, rho)
+    dnorm = [rho if D[0] is None else np.linalg.norm(D[0], "fro")] + [np.linalg.norm(b, "fro") for b in D[1:]]
+    cnorm = [np.linalg.norm(c, "fro") for c in C]
+    rows = [dnorm[k] + (cnorm[k - 1] if k > 0 else 0.0) + (cnorm[k] if k < l else 0.0) for k in range(l + 1)]
+    n = sum(ns)
+    rel = max(margin_rel, 1e3 * n * EPS64)
+    mu = rel * max(rows)
+    # block 0
+    if D[0] is None:
+        s0 = rho - mu
+        if s0 <= 0:
+            return False, "rho below the margin"
+        X = C[0] / math.sqrt(s0)
+    else:
+        L0 = np.linalg.cholesky(D[0] - mu * np.eye(ns[0])) if _is_pd(D[0] - mu * np.eye(ns[0])) else None
+        if L0 is None:
+            return False, "block 0 (input) not positive definite"
+        X = _solve_lower(L0, C[0])
+    for k in range(1, l + 1):
+        S = D[k] - mu * np.eye(ns[k]) - X.T @ X
+        S = (S + S.T) / 2
+        try:
+            Lk = np.linalg.cholesky(S)
+        except np.linalg.LinAlgError:
+            return False, f"Schur complement at block {k} not positive definite"
+        if k < l:
+            X = _solve_lower(Lk, C[k])
+    return True, f"block-tridiagonal Cholesky of -M - mu I, mu = {rel:.1e} * {max(rows):.3e}"
+
+
+def _is_pd(a):
+    try:
+        np.linalg.cholesky(a)
+        return True
+    except np.linalg.LinAlgError:
+        return False
+
+
+def _solve_lower(L, B):
+    import scipy.linalg
+    return scipy.linalg.solve_triangular(L, B, lower=True, check_finite=False)
+
+
+# --------------------------------------------------------------------------------------------
+# repair: smallest rho for a fixed T
+# --------------------------------------------------------------------------------------------
+
+def rho_for_T(weights, slopes, T):
+    """Exact (floating-point) smallest rho with A(rho, T) >= 0, or inf when no rho works.
+
+    Eliminate the hidden blocks backward: Sigma_l = A_ll, Sigma_k = A_kk - C_k Sigma_{k+1}^{-1} C_k^T
+    (k >= 1) must be positive definite; then rho_min = lambda_max(-(2ab W_0^T T_0 W_0 -
+    C_0 Sigma_1^{-1} C_0^T)), computed on the row space of W_0 (QR) to keep it small.
+    """
+    ws, sl = _prepare(weights, slopes)
+    l = len(ws) - 1
+    T = [np.asarray(t, dtype=np.float64).reshape(-1) for t in T]
+    if any(np.any(t < 0) or not np.all(np.isfinite(t)) for t in T):
+        return math.inf
+    D, C = _blocks(ws, sl, T, 1.0)
+    Sig = D[l]
+    for k in range(l - 1, 0, -1):
+        try:
+            Lk = np.linalg.cholesky((Sig + Sig.T) / 2)
+        except np.linalg.LinAlgError:
+            return math.inf
+        Y = _solve_lower(Lk, C[k].T)
+        Sig = D[k] - Y.T @ Y
+    try:
+        L1 = np.linalg.cholesky((Sig + Sig.T) / 2)
+    except np.linalg.LinAlgError:
+        return math.inf
+    co = _coeffs(sl)[0]
+    # K (n1 x n1) with -(A00 - rho I - C_0 Sig^-1 C_0^T) = W_0^T K W_0
+    Z = _solve_lower(L1, np.diag(T[0]))  # L1^{-1} T_0
+    K = co[1] ** 2 * (Z.T @ Z) - co[0] * np.diag(T[0])
+    W0 = ws[0]
+    if W0.shape[1] > W0.shape[0]:
+        _, R = np.linalg.qr(W0.T)  # W0^T = Q R, W0 = R^T Q^T
+        Wr = R.T
+    else:
+        Wr = W0
+    lam = np.linalg.eigvalsh(Wr.T @ K @ Wr)[-1]
+    return max(float(lam), 0.0)
+
+
+def repair(weights, slopes, T, max_tries=40):
+    """Smallest rho (up to a 1e-12..relative bump) for which verify_lipsdp accepts (rho, T); inf if none."""
+    rho = rho_for_T(weights, slopes, T)
+    if not np.isfinite(rho):
+        return math.inf
+    base = max(rho, 1e-300)
+    bump = 1e-12
+    for _ in range(max_tries):
+        cand = base * (1 + bump) + 1e-300
+        if cand > 0 and verify_lipsdp(weights, slopes, T, cand)[0]:
+            return cand
+        bump *= 4
+        if bump > 1e6:
+            break
+    return math.inf
+
+
+# --------------------------------------------------------------------------------------------
+# fast solver: primal log-barrier interior point method with Newton steps (torch, CPU or CUDA)
+# --------------------------------------------------------------------------------------------
+
+class _Problem:
+    """Reduced problem in torch. Input block reduced to rank(W_0) dims by a QR (exact congruence)."""
+
+    def __init__(self, ws, sl, mode, device):
+        self.dev = torch.device(device)
+        self.mode = mode
+        tt = lambda a: torch.as_tensor(a, dtype=torch.float64, device=self.dev)
+        W0 = ws[0]
+        if W0.shape[1] > W0.shape[0]:
+            _, R = np.linalg.qr(W0.T)
+            W0 = R.T
+        self.W = [tt(W0)] + [tt(w) for w in ws[1:]]
+        self.l = len(ws) - 1
+        self.ns = [self.W[0].shape[1]] + [w.shape[0] for w in self.W[:-1]]
+        self.off = np.concatenate([[0], np.cumsum(self.ns)]).astype(int)
+        self.n = int(self.off[-1])
+        self.N = int(sum(self.ns[1:]))
+        co = _coeffs(sl)
+        hid = [self.ns[k + 1] for k in range(self.l)]
+        self.g11 = torch.cat([torch.full((h,), co[k][0], dtype=torch.float64, device=self.dev) for k, h in enumerate(hid)])
+        self.g12 = torch.cat([torch.full((h,), co[k][1], dtype=torch.float64, device=self.dev) for k, h in enumerate(hid)])
+        self.g22 = torch.full((self.N,), 2.0, dtype=torch.float64, device=self.dev)
+        self.co = co
+        self.layer_of = np.concatenate([[k] * h for k, h in enumerate(hid)])
+        Wl = self.W[self.l]
+        self.A_const = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.dev)
+        s = slice(self.off[self.l], self.off[self.l + 1])
+        self.A_const[s, s] = -Wl.T @ Wl
+        self.E = torch.zeros(self.N, self.l, dtype=torch.float64, device=self.dev)  # neuron -> layer
+        self.E[torch.arange(self.N), torch.as_tensor(self.layer_of, device=self.dev)] = 1.0
+
+    def split(self, t):
+        return [t[self.off[k + 1] - self.off[1]:self.off[k + 2] - self.off[1]] for k in range(self.l)]
+
+    def A(self, rho, t):
+        A = self.A_const.clone()
+        o = self.off
+        idx = torch.arange(o[0], o[1], device=self.dev)
+        A[idx, idx] += rho
+        A[o[1]:, o[1]:] += torch.diag(2.0 * t)
+        for k, tk in enumerate(self.split(t)):
+            Wk = self.W[k]
+            a, c = self.co[k]
+            s0, s1 = slice(o[k], o[k + 1]), slice(o[k + 1], o[k + 2])
+            if a != 0.0:
+                A[s0, s0] += a * (Wk.T * tk) @ Wk
+            blk = c * (Wk.T * tk)
+            A[s0, s1] += blk
+            A[s1, s0] += blk.T
+        return A
+
+    def derivatives(self, S):
+        """Gradient and Hessian of -log det A w.r.t. (rho, t), given S = A^{-1}."""
+        o, N = self.off, self.N
+        Ya = torch.cat([self.W[k] @ S[o[k]:o[k + 1], :] for k in range(self.l)], 0)  # rows a_i^T S
+        Yb = S[o[1]:, :]
+        Paa = torch.cat([Ya[:, o[k]:o[k + 1]] @ self.W[k].T for k in range(self.l)], 1)
+        Pab = Ya[:, o[1]:]
+        Pbb = Yb[:, o[1]:]
+        g11, g12, g22 = self.g11, self.g12, self.g22
+        grad_t = -(g11 * torch.diagonal(Paa) + 2 * g12 * torch.diagonal(Pab) + g22 * torch.diagonal(Pbb))
+        P = {(0, 0): Paa, (0, 1): Pab, (1, 0): Pab.T, (1, 1): Pbb}
+        G = {(0, 0): g11, (0, 1): g12, (1, 0): g12, (1, 1): g22}
+        # H_ij = tr(G^i P_ij G^j P_ij^T) = sum_ps X_ps * P_ps, X_ps = sum_qr G_pq[i] P_qr G_rs[j]
+        H = torch.zeros(N, N, dtype=torch.float64, device=self.dev)
+        for p in (0, 1):
+            for s in (0, 1):
+                X = sum(G[p, q][:, None] * P[q, r] * G[r, s][None, :] for q in (0, 1) for r in (0, 1))
+                H += X * P[p, s]
+        S00 = S[o[0]:o[1], o[0]:o[1]]
+        grad_rho = -torch.trace(S00)
+        h_rr = (S00 * S00).sum()
+        Ya0, Yb0 = Ya[:, o[0]:o[1]], Yb[:, o[0]:o[1]]
+        h_rt = g11 * (Ya0 * Ya0).sum(1) + 2 * g12 * (Ya0 * Yb0).sum(1) + g22 * (Yb0 * Yb0).sum(1)
+        return grad_rho, grad_t, h_rr, h_rt, H
+
+
+def _initial_point(ws, sl, mode):
+    """Strictly feasible layer-uniform start by backward elimination (ECLipsE-like, scalar per layer)."""
+    l = len(ws) - 1
+    co = _coeffs(sl)
+    lam = [0.0] * l
+    Wl = ws[l]
+    sw = float(np.linalg.norm(Wl, 2)) ** 2
+    lam[l - 1] = max(sw, 1e-12)
+    Sig = 2 * lam[l - 1] * np.eye(Wl.shape[1]) - Wl.T @ Wl
+    for k in range(l - 1, -1, -1):
+        Wk = ws[k]
+        a, c = co[k]
+        L = np.linalg.cholesky((Sig + Sig.T) / 2)
+        Y = _solve_lower(L, (c * lam[k]) * Wk)  # L^{-1} C_k^T
+        B = a * lam[k] * Wk.T @ Wk - Y.T @ Y
+        if k > 0:
+            ev = np.linalg.eigvalsh((B + B.T) / 2)
+            floor = 1e-3 * max(abs(ev[0]), abs(ev[-1]), lam[k]) + 1e-300
+            lam[k - 1] = max(-ev[0], 0.0) + floor  # 2 lam I + B >= (lam + floor) I
+            Sig = 2 * lam[k - 1] * np.eye(Wk.shape[1]) + B
+        else:
+            Wr = Wk
+            if Wk.shape[1] > Wk.shape[0]:
+                _, R = np.linalg.qr(Wk.T)
+                Wr = R.T
+            # rho I + A00' - C_0 Sig^-1 C_0^T >= 0  <=>  rho >= lambda_max(W0^T K W0)
+            K = (c * lam[0]) ** 2 * np.linalg.inv((Sig + Sig.T) / 2) - a * lam[0] * np.eye(Wk.shape[0])
+            Br = Wr.T @ K @ Wr
+            rho = 2 * max(float(np.linalg.eigvalsh((Br + Br.T) / 2)[-1]), 1e-300)
+    T = [np.full(ws[k].shape[0], lam[k]) for k in range(l)]
+    return rho, T
+
+
+def lipsdp(weights, slopes, mode="neuron", *, solver="fast", device="cpu", time_budget_s=None, tol=1e-6,
+           verbose=False) -> LipSDPResult:
+    """Certified LipSDP bound (Neuron or Layer multipliers) on the L2 Lipschitz constant of a dense chain.
+
+    ``weights``: [W_0, .., W_l] (out, in); ``slopes``: one (alpha, beta) for all hidden layers or one
+    per hidden layer. Output selection (one logit, a logit difference) is the caller's modified W_l.
+    ``solver="fast"``: barrier IPM (below); ``"cvxpy"``/``"cvxpy-scs"``: the readable reference.
+    The returned ``value`` is always from a verified (rho, T) (see module docstring).
+    """
+    if mode not in ("neuron", "layer"):
+        raise ValueError(f"mode must be 'neuron' or 'layer', got {mode!r}")
+    if solver.startswith("cvxpy"):
+        from lipverify.bounds.lipsdp_cvxpy import lipsdp_cvxpy
+        return lipsdp_cvxpy(weights, slopes, mode=mode)
+    if solver != "fast":
+        raise ValueError(f"unknown solver {solver!r}")
+    return _lipsdp_fast(weights, slopes, mode, device, time_budget_s, tol, verbose)
+
+
+def _finish(ws, sl, mode, T, raw_rho, t0, extra=None, solver="fast"):
+    rho = repair(ws, sl, T)
+    if not np.isfinite(rho):
+        return None
+    ok, msg = verify_lipsdp(ws, sl, T, rho)
+    assert ok, msg  # repair only returns verified rho
+    n = sum(dims(ws))
+    viol = float(np.linalg.eigvalsh(lmi_matrix(ws, sl, T, raw_rho))[-1]) if n <= 1500 and np.isfinite(raw_rho) else float("nan")
+    return LipSDPResult(value=inflate(math.sqrt(rho), n), rho=rho, T=[np.asarray(t, np.float64) for t in T],
+                        mode=mode, solver=solver, check=msg, raw_value=math.sqrt(max(raw_rho, 0.0)),
+                        raw_violation=viol, seconds=time.perf_counter() - t0, info=extra or {})
+
+
+def _lipsdp_fast(weights, slopes, mode, device, time_budget_s, tol, verbose):
+    t0 = time.perf_counter()
+    ws, sl = _prepare(weights, slopes)
+    rho0, T0 = _initial_point(ws, sl, mode)
+    best = (repair(ws, sl, T0), T0)
+    if not np.isfinite(best[0]):
+        raise RuntimeError("could not build a feasible starting point (numerically degenerate weights?)")
+    pb = _Problem(ws, sl, mode, device)
+    dev = pb.dev
+    layer = mode == "layer"
+    rho = torch.tensor(best[0] * 1.5 + 1e-12, dtype=torch.float64, device=dev)
+    t = torch.as_tensor(np.concatenate(T0), dtype=torch.float64, device=dev)
+    lam = torch.as_tensor([T0[k][0] for k in range(pb.l)], dtype=torch.float64, device=dev)
+    nu = pb.n + (pb.l if layer else pb.N)
+    tau = nu / float(rho)
+    mu_factor = 20.0
+    newton_steps = 0
+    history = []
+
+    def phi(r, tv, lv):
+        A = pb.A(r, tv)
+        L, info = torch.linalg.cholesky_ex(A)
+        if int(info) != 0:
+            return math.inf, None
+        barrier = -2 * torch.log(torch.diagonal(L)).sum()
+        barrier = barrier - (torch.log(lv).sum() if layer else torch.log(tv).sum())
+        return float(tau * r + barrier), L
+
+    out_of_time = lambda: time_budget_s is not None and time.perf_counter() - t0 > time_budget_s
+    for outer in range(60):
+        f, L = phi(rho, t, lam)
+        if L is None:
+            break
+        for inner in range(60):
+            S = torch.cholesky_inverse(L)
+            gr, gt, hrr, hrt, H = pb.derivatives(S)
+            if layer:
+                E = pb.E
+                gv = torch.cat([(tau + gr).reshape(1), E.T @ gt - 1.0 / lam])
+                Hv = E.T @ H @ E + torch.diag(1.0 / lam ** 2)
+                hv = E.T @ hrt
+            else:
+                gv = torch.cat([(tau + gr).reshape(1), gt - 1.0 / t])
+                Hv = H + torch.diag(1.0 / t ** 2)
+                hv = hrt
+            m = Hv.shape[0] + 1
+            Hf = torch.empty(m, m, dtype=torch.float64, device=dev)
+            Hf[0, 0] = hrr
+            Hf[0, 1:] = hv
+            Hf[1:, 0] = hv
+            Hf[1:, 1:] = Hv
+            scale = torch.sqrt(torch.clamp(torch.diagonal(Hf), min=1e-300))
+            Hs = Hf / scale[:, None] / scale[None, :]
+            Lh, info = torch.linalg.cholesky_ex(Hs)
+            if int(info) != 0:
+                if verbose: print("H not PD")
+                Hs = Hs + 1e-10 * torch.eye(m, dtype=torch.float64, device=dev)
+                Lh = torch.linalg.cholesky(Hs)
+            step = -torch.cholesky_solve((gv / scale)[:, None], Lh)[:, 0] / scale
+            dec2 = float(-(gv * step).sum())
+            newton_steps += 1
+            if dec2 / 2 < 1e-7:
+                break
+            # backtracking line search, keeping feasibility
+            s = 1.0
+            dr, dt = step[0], step[1:]
+            while True:
+                r2 = rho + s * dr
+                if layer:
+                    l2 = lam + s * dt
+                    t2 = l2[torch.as_tensor(pb.layer_of, device=dev)]
+                    pos = bool((l2 > 0).all())
+                else:
+                    t2 = t + s * dt
+                    l2 = lam
+                    pos = bool((t2 > 0).all())
+                if pos and float(r2) > 0:
+                    f2, L2 = phi(r2, t2, l2)
+                    if L2 is not None and f2 <= f - 0.25 * s * dec2:
+                        break
+                s *= 0.5
+                if s < 1e-12:
+                    L2 = None
+                    break
+            if L2 is None:
+                break
+            if verbose: print("   ", inner, f"{dec2:.3e}", s, float(r2), float((t2/t).min()), float((t2/t).max()), float(t2.min()), float(t2.max()))
+            rho, t, lam, f, L = r2, t2, l2, f2, L2
+            if out_of_time():
+                break
+        Tcur = pb.split(t.detach().cpu().numpy()) if not layer else \
+            [np.full(pb.ns[k + 1], float(lam[k])) for k in range(pb.l)]
+        rcur = repair(ws, sl, Tcur)
+        history.append((outer, tau, float(rho), rcur, newton_steps))
+        if verbose:
+            print(f"outer {outer} tau {tau:.3e} rho {float(rho):.9g} verified {rcur:.9g} steps {newton_steps}")
+        if rcur < best[0]:
+            best = (rcur, Tcur)
+        if nu / tau < tol * best[0] * 1e-1 or out_of_time():
+            break
+        if len(history) >= 3 and history[-3][3] - rcur <= 1e-2 * tol * rcur and nu / tau < 1e2 * tol * rcur:
+            break
+        tau *= mu_factor
+    res = _finish(ws, sl, mode, best[1], float(rho), t0,
+                  {"newton_steps": newton_steps, "outer": len(history), "device": str(dev)})
+    return res
