@@ -16,6 +16,7 @@ import torch
 from lipverify.bounds.base import BoundResult
 from lipverify.errors import SoundnessError
 from lipverify.graph.ir import Graph, Node
+from lipverify.norms.conv import verify_conv_bound
 from lipverify.ops.activation import Activation
 from lipverify.ops.base import LinearOp
 from lipverify.ops.conv import Conv
@@ -62,12 +63,8 @@ def check_factor(node: Node, in_shape, claimed: float) -> bool:
     if isinstance(op, LinearOp) and math.prod(in_shape) <= UNROLL_MAX_INPUTS:
         return gram_is_below(unrolled_matrix(op, in_shape), claimed)
     if isinstance(op, Conv):
-        from lipverify.norms.conv import verify_conv_bound
-
         return verify_conv_bound(op.weight, tuple(in_shape), op.stride, op.pads, op.dilation, op.groups, claimed)
     if isinstance(op, AvgPool):
-        from lipverify.norms.conv import verify_conv_bound
-
         spatial = tuple(in_shape[1:])
         counts = op._counts(spatial, torch.float64, "cpu")
         ones = torch.ones((1, 1) + op.window.kernel, dtype=torch.float64)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from lipverify.norms.conv import conv_apply, conv_norm
 from lipverify.norms.margin import NormResult
 from lipverify.ops.base import LinearOp
 
@@ -22,8 +23,6 @@ class Conv(LinearOp):
         self.groups = int(groups)
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
-        from lipverify.norms.conv import conv_apply
-
         return conv_apply(x, self.weight, self.stride, self.pads, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -33,8 +32,6 @@ class Conv(LinearOp):
         return y
 
     def factor(self, in_shape, device="cpu") -> NormResult:
-        from lipverify.norms.conv import conv_norm
-
         return conv_norm(self.weight, tuple(in_shape), self.stride, self.pads, self.dilation,
                          self.groups, device=device)
 

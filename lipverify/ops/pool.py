@@ -11,6 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lipverify.norms.conv import conv_norm
 from lipverify.norms.margin import NormResult, inflate
 from lipverify.ops.base import LinearOp, Op
 
@@ -90,8 +91,6 @@ class AvgPool(LinearOp):
         counts = self._counts(spatial, torch.float64, device)
         inv_max = float((1.0 / counts).max())
         inv_min = float((1.0 / counts).min())
-        from lipverify.norms.conv import conv_norm
-
         ones = torch.ones((1, 1) + self.window.kernel, dtype=torch.float64)
         sum_norm = conv_norm(ones, (1,) + spatial, self.window.stride,
                              self.window.padded_pads(spatial), self.window.dilation, 1, device=device)
