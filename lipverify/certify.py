@@ -26,7 +26,7 @@ from lipverify.graph.transform import select_output
 from lipverify.load import LoadedModel, load_model
 from lipverify.verify import verify
 
-SCHEMA_VERSION = "1.0"
+SCHEMA_VERSION = "1.1"  # 1.1: every method entry carries the witness that `lipverify check` re-verifies
 
 
 @dataclass
@@ -175,7 +175,8 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
         "ratio": lb.value / best.value if best.value > 0 else 1.0,
         "bounds": {n: r.value for n, r in results.items()},
         "layers": [l.as_dict() for l in best.layers],
-        "methods": {n: {"value": r.value, "seconds": r.seconds, "check": r.check, "layers": [l.as_dict() for l in r.layers]}
+        "methods": {n: {"value": r.value, "seconds": r.seconds, "check": r.check,
+                        "layers": [l.as_dict() for l in r.layers], "witness": r.witness}
                     for n, r in results.items()},
         "verification": verification,
         "self_check": check,

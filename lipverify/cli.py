@@ -155,6 +155,33 @@ def inspect(
 
 
 @app.command()
+def check(
+    certificate: str = typer.Argument(..., help="Certificate JSON written by `lipverify certify --json`."),
+    model: str = typer.Argument(..., help="The model file the certificate claims to be about."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape"),
+    spec: Optional[str] = typer.Option(None, "--spec"),
+    activation: str = typer.Option("relu", "--activation"),
+    factory: Optional[str] = typer.Option(None, "--factory"),
+):
+    """Re-verify a certificate against a model file (float64 linear algebra only, no solver).
+
+    Exit 0 valid, 1 the certificate does not hold for this file, 2 bad input."""
+    from lipverify.check import CertificateInvalid, check_certificate
+    from lipverify.load.model import parse_shape
+
+    try:
+        report = check_certificate(certificate, model, parse_shape(input_shape), spec, activation, factory)
+    except CertificateInvalid as exc:
+        err.print(f"[bold red]INVALID:[/] {exc}", highlight=False)
+        raise typer.Exit(EXIT_GATE)
+    except LipverifyError as exc:
+        _fail(exc)
+    for step, detail in report.steps:
+        out.print(f"[green]✓[/] {step}: {detail}", highlight=False)
+    out.print("[bold green]VALID[/]: the certificate holds for this model file")
+
+
+@app.command()
 def methods():
     """List the registered bound methods."""
     from lipverify.bounds import METHODS
