@@ -17,6 +17,7 @@ import torch
 import lipverify
 from lipverify.attack import lower_bound
 from lipverify.bounds import METHODS, BoundContext, BoundResult, get_method
+from lipverify.budget import estimate_graph, estimate_model, guard
 from lipverify.errors import SoundnessError, UserInputError
 from lipverify.graph.check import self_check
 from lipverify.graph.from_onnx import extract_onnx
@@ -109,7 +110,9 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
     timings["load_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
+    guard(estimate_model(loaded.onnx_model, loaded.input_shape), opts.budget_mem, "loading this model")
     graph, check = build_graph(loaded)
+    guard(estimate_graph(graph), opts.budget_mem, "bounding this model")
     timings["extract_s"] = time.perf_counter() - t
     bounded = select_output(graph, opts.output) if opts.output is not None else graph
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from typing import Optional
 
@@ -12,7 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from lipverify.errors import LipverifyError, UserInputError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Certified L2 Lipschitz bounds for trained neural networks (ONNX, safetensors, TorchScript).")
 out = Console()
 err = Console(stderr=True)
@@ -85,6 +86,7 @@ def certify(
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled lower bound and of randomized methods."),
     lower_starts: int = typer.Option(16, "--lower-starts", help="Random starts of the lower-bound search."),
     budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Time budget (s) used by --method auto."),
+    budget_mem: Optional[str] = typer.Option(None, "--budget-mem", help="Memory budget, e.g. 4G: larger models are refused before allocation."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset for certified radii: .npz, .pt, .safetensors, .csv or an image folder."),
     eps: str = typer.Option("0.1,0.25,0.5", "--eps", help="Comma-separated L2 radii for certified accuracy."),
     x_key: str = typer.Option("x", "--x-key", help="Name of the input array in --data."),
@@ -106,6 +108,9 @@ def certify(
     try:
         opts = _options(method, output, input_shape, spec, activation, factory, device, seed, max_l, lower_starts,
                         budget_s)
+        from lipverify.budget import parse_bytes
+
+        opts.budget_mem = parse_bytes(budget_mem)
         opts.per_sample_csv, opts.reports = per_sample, list(report)
         opts.min_certified_acc = [_parse_gate(g) for g in min_certified_acc]
         if data is not None:
@@ -194,8 +199,15 @@ def main() -> None:
     try:
         app()
     except KeyboardInterrupt:
-        err.print("interrupted")
+        err.print("interrupted (no output file was written)")
         sys.exit(130)
+    except Exception as exc:  # a bug in lipverify, not a user mistake: say so, keep the traceback on demand
+        if os.environ.get("LIPVERIFY_DEBUG"):
+            raise
+        err.print(f"[bold red]internal error[/] ({type(exc).__name__}): {exc}\n"
+                  "This is a bug in lipverify; nothing was certified. Re-run with LIPVERIFY_DEBUG=1 for the "
+                  "traceback and please report it.", highlight=False)
+        sys.exit(EXIT_SOUNDNESS)
 
 
 if __name__ == "__main__":  # pragma: no cover

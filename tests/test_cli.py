@@ -189,3 +189,10 @@ def test_bad_data_exit_2(problem, tmp_path):
     r = run("certify", FIXTURES / "mlp.onnx", "--data", path, *FAST)
     assert r.exit_code == 2, r.output
     assert "Traceback" not in r.output
+
+
+def test_memory_guard_refuses_before_allocation(small_onnx):
+    r = run("certify", small_onnx, "--budget-mem", "1K")
+    assert r.exit_code == 2 and "budget-mem" in r.output
+    assert run("certify", small_onnx, "--budget-mem", "2G", *FAST).exit_code == 0
+    assert run("certify", small_onnx, "--budget-mem", "plenty").exit_code == 2
