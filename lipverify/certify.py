@@ -132,7 +132,7 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
 
     t = time.perf_counter()
     lb = lower_bound(bounded.forward, bounded.input_shape, starts=opts.lower_starts, seed=opts.seed,
-                     budget_s=opts.lower_budget_s)
+                     budget_s=opts.lower_budget_s, data=_data_starts(opts, graph.input_shape))
     timings["lower_s"] = time.perf_counter() - t
 
     best = min(results.values(), key=lambda r: r.value)
@@ -225,6 +225,17 @@ def write_outputs(cert: dict, radii, opts: CertifyOptions) -> None:
             write_markdown(cert, path)
         else:
             raise UserInputError(f"--report {path}: expected a .html or .md file name")
+
+
+def _data_starts(opts: CertifyOptions, input_shape) -> torch.Tensor | None:
+    """The first samples of --data, used as extra starting points of the lower-bound search."""
+    if opts.data is None:
+        return None
+    from lipverify.data import iter_batches
+
+    for x, _ in iter_batches(opts.data.spec, tuple(input_shape)):
+        return x[: opts.lower_starts]
+    return None
 
 
 def gates_passed(cert: dict) -> bool:

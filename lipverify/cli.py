@@ -85,6 +85,7 @@ def certify(
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled lower bound and of randomized methods."),
     lower_starts: int = typer.Option(16, "--lower-starts", help="Random starts of the lower-bound search."),
+    lower_budget_s: float = typer.Option(10.0, "--lower-budget-s", help="Time limit (s) of the lower-bound search."),
     budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Time budget (s) used by --method auto."),
     budget_mem: Optional[str] = typer.Option(None, "--budget-mem", help="Memory budget, e.g. 4G: larger models are refused before allocation."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset for certified radii: .npz, .pt, .safetensors, .csv or an image folder."),
@@ -111,6 +112,7 @@ def certify(
         from lipverify.budget import parse_bytes
 
         opts.budget_mem = parse_bytes(budget_mem)
+        opts.lower_budget_s = lower_budget_s
         opts.per_sample_csv, opts.reports = per_sample, list(report)
         opts.min_certified_acc = [_parse_gate(g) for g in min_certified_acc]
         if data is not None:

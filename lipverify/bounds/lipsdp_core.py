@@ -31,9 +31,12 @@ exactly equivalent dense matrix, used by tests and the cvxpy reference to show e
 
 Soundness: whatever the solver returns is a candidate ``T``. ``repair`` computes the smallest rho
 for that T by a direct formula and ``verify_lipsdp`` accepts it only if a float64 block Cholesky
-of ``A(rho, T) - mu I`` succeeds, ``mu = 1e-9 * (upper bound on ||A||_2)``; rounding in forming A
-and in the (backward-stable) block factorization is ``O(n eps ||A||)``, at least 1000x below mu
-for n < 4e3 (we use ``max(1e-9, 1e3 n eps)``). The reported value is
+of ``A(rho, T) - delta diag(s)`` succeeds, where ``s_i`` is a row scale with
+``|A_ij| <= sqrt(s_i s_j)`` (s = rho / 2t plus the absolute W^T T W and W_l^T W_l diagonals) and
+``delta = max(1e-9, 2 n^2 eps)``. Rounding in forming A is ``<= m eps sqrt(s_i s_j)`` entrywise and a
+(backward-stable) Cholesky succeeds with backward error ``|E_ij| <= (n+1) eps sqrt(a_ii a_jj)``, so
+``||diag(s)^-1/2 E diag(s)^-1/2||_2 <= n (n+1) eps < delta``: success proves ``A >= 0`` exactly.
+A shift proportional to each row's own scale (not to ||A||) keeps tiny multipliers meaningful. The reported value is
 ``inflate(sqrt(rho_verified), n)`` (lipverify.norms.margin).
 """
 
@@ -172,12 +175,12 @@ def loop_jacobian(weights, slopes):
 # --------------------------------------------------------------------------------------------
 
 def verify_lipsdp(weights, slopes, T, rho, margin_rel=VERIFY_MARGIN_REL):
-    """Independent float64 check that M(rho, T) <= 0, i.e. A = -M >= mu I with an explicit margin.
+    """Independent float64 check that M(rho, T) <= 0, i.e. A = -M >= delta diag(s) (explicit margin).
 
-    Block Cholesky (forward block LDL^T) of the block-tridiagonal ``A - mu I``:
-    ``S_0 = A00 - mu I``, ``S_k = A_kk - mu I - C_{k-1}^T S_{k-1}^{-1} C_{k-1}``; every S_k must be
-    positive definite (Cholesky succeeds). ``mu = max(margin_rel, 1e3 n eps) * bound``, where
-    ``bound >= ||A||_2`` is the largest block-row sum of block norms (Frobenius, rho exact).
+    Block Cholesky (forward block LDL^T) of the block-tridiagonal ``A - Delta``, Delta = delta diag(s):
+    ``S_0 = A00 - Delta_0``, ``S_k = A_kk - Delta_k - C_{k-1}^T S_{k-1}^{-1} C_{k-1}``; every S_k must
+    be positive definite (Cholesky succeeds). ``delta = max(margin_rel, 2 n^2 eps)``, s_i a row scale
+    with |A_ij| <= sqrt(s_i s_j) (see the module docstring for why this covers all rounding).
     Also requires finite rho > 0 and T >= 0 elementwise (the S-procedure needs T >= 0).
     """
     try:
@@ -198,25 +201,32 @@ def verify_lipsdp(weights, slopes, T, rho, margin_rel=VERIFY_MARGIN_REL):
         if not np.all(np.isfinite(t)) or np.any(t < 0):
             return False, f"T[{k}] must be finite and >= 0"
     D, C = _blocks(ws, sl, T, rho)
-    dnorm = [rho if D[0] is None else np.linalg.norm(D[0], "fro")] + [np.linalg.norm(b, "fro") for b in D[1:]]
-    cnorm = [np.linalg.norm(c, "fro") for c in C]
-    rows = [dnorm[k] + (cnorm[k - 1] if k > 0 else 0.0) + (cnorm[k] if k < l else 0.0) for k in range(l + 1)]
+    co = _coeffs(sl)
+    # per-index scale s_i: dominates |A_ij| / sqrt(s_i s_j) for all entries (Cauchy-Schwarz)
+    scl = []
+    for k in range(l + 1):
+        sk = np.full(ns[k], rho) if k == 0 else 2.0 * T[k - 1]
+        if k < l:
+            sk = sk + (abs(co[k][0]) + abs(co[k][1])) * ((ws[k] ** 2).T @ T[k])
+        if k == l:
+            sk = sk + (ws[l] ** 2).sum(0)
+        scl.append(sk)
     n = sum(ns)
-    rel = max(margin_rel, 1e3 * n * EPS64)
-    mu = rel * max(rows)
-    # block 0
+    rel = max(margin_rel, 2.0 * n * n * EPS64)
+    shift = [rel * sk for sk in scl]
     if D[0] is None:
-        s0 = rho - mu
-        if s0 <= 0:
+        s0 = rho - shift[0]
+        if np.any(s0 <= 0):
             return False, "rho below the margin"
-        X = C[0] / math.sqrt(s0)
+        X = C[0] / np.sqrt(s0)[:, None]
     else:
-        L0 = np.linalg.cholesky(D[0] - mu * np.eye(ns[0])) if _is_pd(D[0] - mu * np.eye(ns[0])) else None
-        if L0 is None:
+        try:
+            L0 = np.linalg.cholesky(D[0] - np.diag(shift[0]))
+        except np.linalg.LinAlgError:
             return False, "block 0 (input) not positive definite"
         X = _solve_lower(L0, C[0])
     for k in range(1, l + 1):
-        S = D[k] - mu * np.eye(ns[k]) - X.T @ X
+        S = D[k] - np.diag(shift[k]) - X.T @ X
         S = (S + S.T) / 2
         try:
             Lk = np.linalg.cholesky(S)
@@ -224,7 +234,7 @@ def verify_lipsdp(weights, slopes, T, rho, margin_rel=VERIFY_MARGIN_REL):
             return False, f"Schur complement at block {k} not positive definite"
         if k < l:
             X = _solve_lower(Lk, C[k])
-    return True, f"block-tridiagonal Cholesky of -M - mu I, mu = {rel:.1e} * {max(rows):.3e}"
+    return True, f"block-tridiagonal Cholesky of -M - {rel:.1e}*diag(s) (s_i = row scale of A)"
 
 
 def _is_pd(a):
@@ -447,108 +457,131 @@ def _finish(ws, sl, mode, T, raw_rho, t0, extra=None, solver="fast"):
 
 
 def _lipsdp_fast(weights, slopes, mode, device, time_budget_s, tol, verbose):
+    """Primal barrier method with rho eliminated exactly ("valley following").
+
+    Minimise ``g_tau(T) = min_rho [tau rho - log det A(rho, T)] - sum log t`` for increasing tau.
+    With ``A = [[rho I - F0, C], [C^T, R]]``, ``log det A = log det R + sum_j log(rho - f_j)`` where
+    ``f_j`` are the eigenvalues of ``F(T) = C R^{-1} C^T - A00(rho=0)`` (input block reduced by QR),
+    so the optimal rho solves ``sum_j 1/(rho - f_j) = tau`` (1-D, monotone Newton). Eliminating
+    rho matters: Newton on (rho, T) jointly creeps along the wall rho ~ rho(T) with tiny steps.
+    Newton directions use the exact Hessian of -log det A (dense, all neurons) with rho eliminated
+    by a Schur complement; line search on g_tau; tau *= 8 until the gap bound nu/tau is below
+    ``tol * rho``. Every outer iteration's T is repaired + verified; the best verified one is kept.
+    """
     t0 = time.perf_counter()
     ws, sl = _prepare(weights, slopes)
-    rho0, T0 = _initial_point(ws, sl, mode)
+    _, T0 = _initial_point(ws, sl, mode)
     best = (repair(ws, sl, T0), T0)
     if not np.isfinite(best[0]):
         raise RuntimeError("could not build a feasible starting point (numerically degenerate weights?)")
     pb = _Problem(ws, sl, mode, device)
     dev = pb.dev
     layer = mode == "layer"
-    rho = torch.tensor(best[0] * 1.5 + 1e-12, dtype=torch.float64, device=dev)
-    t = torch.as_tensor(np.concatenate(T0), dtype=torch.float64, device=dev)
-    lam = torch.as_tensor([T0[k][0] for k in range(pb.l)], dtype=torch.float64, device=dev)
-    nu = pb.n + (pb.l if layer else pb.N)
-    tau = nu / float(rho)
-    mu_factor = 20.0
+    m0 = pb.ns[0]
+    E = pb.E if layer else None
+    theta = torch.as_tensor([T0[k][0] for k in range(pb.l)] if layer else np.concatenate(T0),
+                            dtype=torch.float64, device=dev)
+    to_t = (lambda th: E @ th) if layer else (lambda th: th)
+    nu = m0 + (pb.n - m0) + theta.numel()
+    tau = nu / best[0]
+    mu_factor = 8.0
     newton_steps = 0
     history = []
 
-    def phi(r, tv, lv):
-        A = pb.A(r, tv)
-        L, info = torch.linalg.cholesky_ex(A)
+    def reduced(th):
+        """(g_tau(th), rho*) or (inf, None)."""
+        if not bool((th > 0).all()):
+            return math.inf, None
+        A = pb.A(0.0, to_t(th))
+        R = A[m0:, m0:]
+        LR, info = torch.linalg.cholesky_ex(R)
         if int(info) != 0:
             return math.inf, None
-        barrier = -2 * torch.log(torch.diagonal(L)).sum()
-        barrier = barrier - (torch.log(lv).sum() if layer else torch.log(tv).sum())
-        return float(tau * r + barrier), L
+        X = torch.linalg.solve_triangular(LR, A[m0:, :m0], upper=False)
+        F = X.T @ X - A[:m0, :m0]
+        f = torch.linalg.eigvalsh((F + F.T) / 2)
+        fmax = f[-1]
+        gaps = fmax - f
+        u = 0.5 / tau
+        for _ in range(100):  # monotone Newton from the left on h(u) = sum 1/(u + gaps) - tau
+            r = 1.0 / (u + gaps)
+            h = float(r.sum()) - tau
+            if h <= 1e-12 * tau:
+                break
+            u = u + h / float((r * r).sum())
+        rho = float(fmax) + u
+        val = tau * rho - float(torch.log(u + gaps).sum()) - 2 * float(torch.log(torch.diagonal(LR)).sum()) \
+            - float(torch.log(th).sum())
+        return val, rho
 
     out_of_time = lambda: time_budget_s is not None and time.perf_counter() - t0 > time_budget_s
-    for outer in range(60):
-        f, L = phi(rho, t, lam)
-        if L is None:
-            break
-        for inner in range(60):
+    f, rho = reduced(theta)
+    for outer in range(80):
+        for inner in range(80):
+            A = pb.A(rho, to_t(theta))
+            L, info = torch.linalg.cholesky_ex(A)
+            if int(info) != 0:  # rho* sits numerically on the boundary; nudge it
+                rho = rho * (1 + 1e-12) + 1e-300
+                continue
             S = torch.cholesky_inverse(L)
             gr, gt, hrr, hrt, H = pb.derivatives(S)
             if layer:
-                E = pb.E
-                gv = torch.cat([(tau + gr).reshape(1), E.T @ gt - 1.0 / lam])
-                Hv = E.T @ H @ E + torch.diag(1.0 / lam ** 2)
-                hv = E.T @ hrt
-            else:
-                gv = torch.cat([(tau + gr).reshape(1), gt - 1.0 / t])
-                Hv = H + torch.diag(1.0 / t ** 2)
-                hv = hrt
-            m = Hv.shape[0] + 1
-            Hf = torch.empty(m, m, dtype=torch.float64, device=dev)
-            Hf[0, 0] = hrr
-            Hf[0, 1:] = hv
-            Hf[1:, 0] = hv
-            Hf[1:, 1:] = Hv
-            scale = torch.sqrt(torch.clamp(torch.diagonal(Hf), min=1e-300))
-            Hs = Hf / scale[:, None] / scale[None, :]
-            Lh, info = torch.linalg.cholesky_ex(Hs)
+                gt, hrt, H = E.T @ gt, E.T @ hrt, E.T @ H @ E
+            g = gt - 1.0 / theta
+            Hs = H + torch.diag(1.0 / theta ** 2) - torch.outer(hrt, hrt) / hrr  # rho eliminated
+            sc = torch.sqrt(torch.clamp(torch.diagonal(Hs), min=1e-300))
+            Lh, info = torch.linalg.cholesky_ex(Hs / sc[:, None] / sc[None, :])
             if int(info) != 0:
-                if verbose: print("H not PD")
-                Hs = Hs + 1e-10 * torch.eye(m, dtype=torch.float64, device=dev)
-                Lh = torch.linalg.cholesky(Hs)
-            step = -torch.cholesky_solve((gv / scale)[:, None], Lh)[:, 0] / scale
-            dec2 = float(-(gv * step).sum())
+                Lh = torch.linalg.cholesky(Hs / sc[:, None] / sc[None, :] +
+                                           1e-12 * torch.eye(len(sc), dtype=torch.float64, device=dev))
+            step = -torch.cholesky_solve((g / sc)[:, None], Lh)[:, 0] / sc
+            dec2 = float(-(g * step).sum())
             newton_steps += 1
-            if dec2 / 2 < 1e-7:
+            if dec2 / 2 < 1e-6:
                 break
-            # backtracking line search, keeping feasibility
             s = 1.0
-            dr, dt = step[0], step[1:]
-            while True:
-                r2 = rho + s * dr
-                if layer:
-                    l2 = lam + s * dt
-                    t2 = l2[torch.as_tensor(pb.layer_of, device=dev)]
-                    pos = bool((l2 > 0).all())
-                else:
-                    t2 = t + s * dt
-                    l2 = lam
-                    pos = bool((t2 > 0).all())
-                if pos and float(r2) > 0:
-                    f2, L2 = phi(r2, t2, l2)
-                    if L2 is not None and f2 <= f - 0.25 * s * dec2:
-                        break
-                s *= 0.5
-                if s < 1e-12:
-                    L2 = None
+            # stay inside t > 0 with a fraction-to-boundary rule, then backtrack on g_tau
+            neg = step < 0
+            if bool(neg.any()):
+                s = min(1.0, 0.99 * float((-theta[neg] / step[neg]).min()))
+            while s > 1e-14:
+                f2, rho2 = reduced(theta + s * step)
+                if f2 <= f - 0.25 * s * dec2:
                     break
-            if L2 is None:
+                s *= 0.5
+            else:
                 break
-            if verbose: print("   ", inner, f"{dec2:.3e}", s, float(r2), float((t2/t).min()), float((t2/t).max()), float(t2.min()), float(t2.max()))
-            rho, t, lam, f, L = r2, t2, l2, f2, L2
+            theta, f, rho = theta + s * step, f2, rho2
+            if verbose:
+                print(f"    {inner} dec2 {dec2:.3e} step {s:.3g} rho {rho:.9g}")
             if out_of_time():
                 break
-        Tcur = pb.split(t.detach().cpu().numpy()) if not layer else \
-            [np.full(pb.ns[k + 1], float(lam[k])) for k in range(pb.l)]
+        Tcur = [np.full(pb.ns[k + 1], float(theta[k])) for k in range(pb.l)] if layer else \
+            pb.split(theta.detach().cpu().numpy())
         rcur = repair(ws, sl, Tcur)
-        history.append((outer, tau, float(rho), rcur, newton_steps))
+        history.append((outer, tau, rho, rcur, newton_steps))
         if verbose:
-            print(f"outer {outer} tau {tau:.3e} rho {float(rho):.9g} verified {rcur:.9g} steps {newton_steps}")
+            print(f"outer {outer} tau {tau:.3e} rho {rho:.10g} verified {rcur:.10g} steps {newton_steps}")
         if rcur < best[0]:
             best = (rcur, Tcur)
-        if nu / tau < tol * best[0] * 1e-1 or out_of_time():
-            break
-        if len(history) >= 3 and history[-3][3] - rcur <= 1e-2 * tol * rcur and nu / tau < 1e2 * tol * rcur:
+        if nu / tau < tol * best[0] or out_of_time():
             break
         tau *= mu_factor
-    res = _finish(ws, sl, mode, best[1], float(rho), t0,
-                  {"newton_steps": newton_steps, "outer": len(history), "device": str(dev)})
-    return res
+        f, rho = reduced(theta)
+    return _finish(ws, sl, mode, best[1], rho, t0,
+                   {"newton_steps": newton_steps, "outer": len(history), "device": str(dev)})
+
+
+def lipsdp_batch(hidden_weights, slopes, last_layers, mode="neuron", **kw) -> list:
+    """One certified LipSDP bound per last layer (e.g. the 45 rows (e_i - e_j)^T W_l for radii).
+
+    ``hidden_weights`` = [W_0, .., W_{l-1}]; ``last_layers``: iterable of (p, n_l) arrays (or (n_l,)
+    rows). Each output selection has its own optimal multipliers, so this solves one SDP per entry
+    (sequentially; each is independently repaired and verified).
+    """
+    out = []
+    for Wl in last_layers:
+        Wl = np.atleast_2d(np.asarray(Wl.detach().cpu().numpy() if isinstance(Wl, torch.Tensor) else Wl,
+                                      dtype=np.float64))
+        out.append(lipsdp(list(hidden_weights) + [Wl], slopes, mode, **kw))
+    return out

@@ -161,11 +161,14 @@ class RSLMIBound(BoundMethod):
             in_shape = graph.in_shape(node)
             extra: dict = {}
             if isinstance(node.op, LinearOp):
-                est = sketched_tau(linear_map(node.op, in_shape, node.out_shape), m, iters,
-                                   seed=ctx.seed + i, device=ctx.device, work_dtype=work)
+                exact_map = linear_map(node.op, in_shape, node.out_shape)
+                work_map = linear_map(node.op, in_shape, node.out_shape, work) if work != torch.float64 else None
+                est = sketched_tau(exact_map, m, iters, seed=ctx.seed + i, device=ctx.device, work_map=work_map)
                 cert = certify_linear(node.op, in_shape, est.sigma_hat, ctx.device)
                 # raise tau_hat until certified: the certified tau is the larger of the two
                 factor = max(cert.upper, est.sigma_hat)
+                while factor * factor < est.tau_hat:  # float rounding of the square: round up
+                    factor = math.nextafter(factor, math.inf)
                 tau_hats[node.name] = est.tau_hat
                 extra = {"tau_hat": est.tau_hat, "tau_hat_is": "sketched estimate (not certified)",
                          "sketch_dim": est.sketch_dim, "tau_certified": factor * factor,
@@ -190,3 +193,7 @@ class RSLMIBound(BoundMethod):
             witness={"factors": factors, "tau": taus, "tau_hat": tau_hats, "blocks": blocks},
             seconds=time.perf_counter() - start, notes=notes,
         )
+
+
+# the independent verifiers register themselves on import: never run this method without them
+from lipverify import verify_scaled  # noqa: E402,F401

@@ -21,6 +21,7 @@ deterministic step (see ``rslmi.py``).
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from dataclasses import dataclass
@@ -43,6 +44,7 @@ class LinearMap:
     adjoint: Apply
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
+    dtype: torch.dtype = torch.float64
 
     @property
     def n_in(self) -> int:
@@ -60,17 +62,23 @@ def vjp_adjoint(apply: Apply, in_shape, dtype=torch.float64, device="cpu") -> Ap
     return adjoint
 
 
-def linear_map(op: LinearOp, in_shape, out_shape) -> LinearMap:
-    """The linear part of a graph op as a LinearMap (closed-form adjoint for convolutions)."""
+def linear_map(op: LinearOp, in_shape, out_shape, dtype: torch.dtype = torch.float64) -> LinearMap:
+    """The linear part of a graph op as a LinearMap (closed-form adjoint for convolutions).
+
+    With a ``dtype`` other than float64 the map acts with a cast copy of the op (the graph's own
+    float64 op is left untouched): that is for the cheap power iterations of the sketch only.
+    """
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
+    if dtype != torch.float64:
+        op = copy.copy(op).to(dtype)
     if isinstance(op, Conv):
         from lipverify.norms.conv import conv_adjoint
 
         def adjoint(y):
             return conv_adjoint(y, op.weight, in_shape, op.stride, op.pads, op.dilation, op.groups)
 
-        return LinearMap(op.apply, adjoint, in_shape, out_shape)
-    return LinearMap(op.apply, vjp_adjoint(op.apply, in_shape), in_shape, out_shape)
+        return LinearMap(op.apply, adjoint, in_shape, out_shape, dtype)
+    return LinearMap(op.apply, vjp_adjoint(op.apply, in_shape), in_shape, out_shape, dtype)
 
 
 @dataclass
@@ -95,16 +103,16 @@ def _orth(y: torch.Tensor) -> torch.Tensor:
     return q.T.reshape(y.shape)
 
 
-def _weights_dtype(linmap: LinearMap, dtype: torch.dtype) -> Apply:
-    return linmap.apply
+def _dtype_of(work: LinearMap, default: torch.Tensor) -> torch.dtype:
+    return getattr(work, "dtype", default.dtype)
 
 
 def sketched_tau(linmap: LinearMap, sketch_dim: int = 32, iters: int = 2, seed: int = 0,
-                 device: str = "cpu", work_dtype: torch.dtype = torch.float64) -> SketchEstimate:
+                 device: str = "cpu", work_map: LinearMap | None = None) -> SketchEstimate:
     """Estimate ||W||^2 from the sketched LMI with a Gaussian sketch of ``sketch_dim`` columns.
 
-    ``iters`` block power iterations run in ``work_dtype`` (float32 is enough for a subspace and
-    halves the cost); the final Rayleigh-Ritz step (orthonormalization, ``W Q`` and its singular
+    ``iters`` block power iterations run with ``work_map`` (the same operator in float32 is enough
+    for a subspace and halves the cost; default: ``linmap`` itself); the final Rayleigh-Ritz step (orthonormalization, ``W Q`` and its singular
     values) is float64, so that tau_hat is a faithful Rayleigh quotient (<= ||W||^2 up to float64
     rounding). Cost: (2 iters + 1) * m operator applications. When the sketch dimension reaches
     the input dimension the sketch is the whole space and tau_hat equals ||W||^2 up to rounding,
@@ -115,11 +123,12 @@ def sketched_tau(linmap: LinearMap, sketch_dim: int = 32, iters: int = 2, seed: 
     m = max(1, min(int(sketch_dim), n))
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     g = torch.randn((m,) + linmap.in_shape, generator=gen, dtype=torch.float64).to(device)
-    y = g.to(work_dtype)
+    work = work_map or linmap
+    y = g
     with torch.no_grad():
         for _ in range(int(iters)):
-            y = _orth(y)
-            y = linmap.adjoint(linmap.apply(y))
+            y = _orth(y.to(g.dtype)).to(_dtype_of(work, y))
+            y = work.adjoint(work.apply(y))
         q = _orth(y.to(torch.float64))
         b = linmap.apply(q).reshape(m, -1)  # rows: W q_i
         # sigma_max(W Q) via the m x m Gram (eigvalsh is exact enough for an estimate)
