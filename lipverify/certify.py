@@ -76,7 +76,8 @@ def choose_methods(graph: Graph, method: str) -> tuple[list[str], str]:
         names = [n for n, m in METHODS.items() if m.not_applicable(graph) is None]
         return names, "every applicable method"
     if method == "auto":
-        names = [n for n, m in METHODS.items() if m.not_applicable(graph) is None and getattr(m, "auto", True)]
+        names = [n for n, m in METHODS.items() if m.not_applicable(graph) is None
+                 and getattr(m, "fits_auto", lambda g: True)(graph)]
         return names, "auto: every applicable method that fits the budget; the tightest certified bound is reported"
     m = get_method(method)
     reason = m.not_applicable(graph)

@@ -79,3 +79,28 @@ def test_glipsdp_onnx_files_load_and_certify(name):
     assert cert["self_check"]["max_abs_diff"] <= cert["self_check"]["tolerance"]
     assert 0 < cert["lower_bound"] <= cert["certified_bound"]
     assert cert["model"]["data_files"]  # the external .onnx.data file was read and hashed
+
+
+def test_glipsdp_fnn_lipsdp_through_the_pipeline(tmp_path):
+    """The published LipSDP-Neuron column (logit 7), reached from an exported ONNX model."""
+    for name, published in (("fnn2_seed0", 5.10971), ("fnn3_seed0", 9.72861)):
+        d = _glipsdp(name)
+        keys = sorted(k for k in d if k.startswith("fc") and k.endswith("_weight"))
+        weights = [d[k].T for k in keys]
+        biases = [d[k.replace("weight", "bias")] for k in keys]
+        path = export_onnx(sequential_from_weights(weights, biases), (64,), tmp_path / f"{name}.onnx")
+        cert = certify(path, CertifyOptions(method="lipsdp-neuron", output=7, **FAST))
+        assert cert["certified_bound"] == pytest.approx(published, rel=1e-4)
+        assert cert["lower_bound"] <= cert["certified_bound"]
+
+
+def test_eclipse_lipsdp_with_negative_slopes(tmp_path):
+    """Slopes [-0.13, 1.13] must give 0.83310 (a tool printing 0.7373 is unsound)."""
+    d = np.load(external("ECLipsE", "lyr2n80test1.npz"))
+    from lipverify.bounds.lipsdp_core import lipsdp
+
+    assert lipsdp([d["w1"], d["w2"]], [(0.0, 1.0)]).value == pytest.approx(0.73726, abs=1e-5)
+    assert lipsdp([d["w1"], d["w2"]], [(-0.13, 1.13)]).value == pytest.approx(0.83310, abs=1e-5)
+    path = export_onnx(sequential_from_weights([d["w1"], d["w2"]]), (4,), tmp_path / "e.onnx")
+    cert = certify(path, CertifyOptions(method="lipsdp-neuron", **FAST))
+    assert cert["certified_bound"] == pytest.approx(0.73726, abs=1e-5)
