@@ -197,6 +197,15 @@ def methods():
         out.print(f"[bold]{name}[/]: {m.description}")
 
 
+def _register_fine_tune() -> None:
+    from lipverify.cli_finetune import fine_tune
+
+    app.command("fine-tune")(fine_tune)
+
+
+_register_fine_tune()
+
+
 def main() -> None:
     try:
         app()

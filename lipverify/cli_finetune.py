@@ -1,0 +1,147 @@
+"""``lipverify fine-tune``: parse, call :func:`lipverify.finetune.finetune`, render with rich.
+
+Registered by cli.py as ``app.command("fine-tune")(fine_tune)``. Exit codes: 0 target met, 1 target
+not met (the final correction makes this unexpected), 2 bad input, 3 soundness failure, 130 Ctrl-C
+(a checkpoint was saved; rerun with --resume).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from lipverify.errors import LipverifyError
+
+out = Console()
+err = Console(stderr=True)
+
+EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_SOUNDNESS = 0, 1, 2, 3
+
+
+class _Reporter:
+    """Progress bar per epoch (loss, accuracy, current L estimate) on stderr."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.progress = None
+        self.task = None
+        self.epochs = 0
+
+    def __enter__(self):
+        if self.enabled:
+            self.progress = Progress(TextColumn("{task.description}"), BarColumn(),
+                                     TextColumn("{task.completed}/{task.total}"), TextColumn("{task.fields[info]}"),
+                                     TimeElapsedColumn(), console=err)
+            self.progress.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.progress is not None:
+            self.progress.__exit__(*exc)
+
+    def __call__(self, event: str, **info):
+        if self.progress is None:
+            return
+        p = self.progress
+        if event == "start":
+            self.epochs, self.steps = info["epochs"], info["steps"]
+        elif event == "epoch_start":
+            self.task = p.add_task(f"epoch {info['epoch'] + 1}/{self.epochs}", total=self.steps,
+                                   completed=info.get("step", 0), info="")
+        elif event == "step" and self.task is not None:
+            p.update(self.task, advance=1, info=f"loss {info['loss']:.4f}")
+        elif event == "epoch_end" and self.task is not None:
+            acc = info.get("train_accuracy")
+            text = f"loss {info['loss']:.4f}" + (f"  acc {acc:.4f}" if acc is not None else "") + \
+                f"  L {info['L']:.4g} ({info['L_kind']})"
+            p.update(self.task, completed=self.steps, info=text)
+        elif event == "certify":
+            err.print(f"certifying the {info['stage']} ...")
+
+
+def _fmt(v, pct=False):
+    if v is None:
+        return "-"
+    return f"{100 * v:.2f}%" if pct else f"{v:.6g}"
+
+
+def render_finetune(cert: dict, console: Console) -> None:
+    ft = cert["fine_tune"]
+    table = Table(title=f"fine-tune ({ft['method']}, target L = {ft['target_L']:g})")
+    table.add_column("")
+    table.add_column("original", justify="right")
+    table.add_column("fine-tuned", justify="right")
+    table.add_row("accuracy", _fmt(ft["accuracy_before"], True), _fmt(ft["accuracy_after"], True))
+    table.add_row("certified L", _fmt(ft["source"]["certified_bound"]), _fmt(cert["certified_bound"]))
+    table.add_row(f"certified accuracy at ε={ft['eps']:g}", _fmt(ft["certified_accuracy_before"], True),
+                  _fmt(ft["certified_accuracy_after"], True))
+    table.add_row("certified by", ft["source"]["method"], cert["method"])
+    console.print(table)
+    for c in ft["final_correction"]:
+        console.print(f"final correction: certified L {c['certified_before']:.6g} > target; {c['how']} "
+                      f"-> {c['certified_after']:.6g}")
+    if ft["final_correction"]:
+        cost = ft["final_correction_accuracy_cost"]
+        console.print(f"accuracy cost of the correction: {_fmt(cost, True)}")
+    console.print(f"wrote {', '.join(ft['output']['files'])} (sha256 {ft['output']['sha256'][:16]}…)")
+    console.print(f"validation data: {ft['validation']}; BatchNorm: {ft['batchnorm']}")
+
+
+def fine_tune(
+    model: str = typer.Argument(..., help="Model file: .onnx, .safetensors (+ spec) or TorchScript .pt/.ts."),
+    target_l: float = typer.Option(..., "--target-L", help="Certified Lipschitz bound the fine-tuned model must meet."),
+    data: Optional[str] = typer.Option(None, "--data", help="Training data (.npz/.pt/.safetensors/.csv/image folder)."),
+    val: Optional[str] = typer.Option(None, "--val", help="Validation data for accuracy before/after (default: the training data)."),
+    out_path: Optional[str] = typer.Option(None, "--out", "-o", help="Output file (same format as the input); default <stem>_L<target>.<ext>."),
+    method: str = typer.Option("rslmi", "--method", "-m", help="rslmi (default), lip-loop (dense chains, ADMM on LipSDP) or project (baseline)."),
+    epochs: int = typer.Option(10, "--epochs", help="Training epochs."),
+    batch_size: int = typer.Option(128, "--batch-size"),
+    lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
+    seed: int = typer.Option(0, "--seed", help="Seed of data order, sketches and certification (recorded in the certificate)."),
+    distill: bool = typer.Option(False, "--distill", help="Train on unlabelled inputs with the original model as the teacher."),
+    eps: float = typer.Option(0.1, "--eps", help="Radius at which certified accuracy is reported."),
+    x_key: str = typer.Option("x", "--x-key"),
+    y_key: str = typer.Option("y", "--y-key"),
+    label_column: str = typer.Option("label", "--label-column"),
+    transform: Optional[str] = typer.Option(None, "--transform", help="Data transform, as for certify --data."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use a random subset of N training samples."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape where the file does not say."),
+    spec: Optional[str] = typer.Option(None, "--spec", help="Architecture spec (JSON) for a .safetensors file."),
+    activation: str = typer.Option("relu", "--activation"),
+    sketch_dim: int = typer.Option(8, "--sketch-dim", help="rslmi: sketch size per layer."),
+    alpha: float = typer.Option(0.3, "--alpha", help="rslmi: weight of the sketched-LMI hinge penalty."),
+    rho: float = typer.Option(0.3, "--rho", help="lip-loop: ADMM penalty parameter."),
+    certify_method: str = typer.Option("auto", "--certify-method", help="Bound method used to certify the exported file."),
+    checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint path (default <out>.ckpt)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of an interrupted run (same options)."),
+    force: bool = typer.Option(False, "--force", help="Allow --out to be the input file."),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Certificate path (default <out stem>.certificate.json)."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no table."),
+):
+    """Fine-tune a model until a target Lipschitz bound is certified on the exported file."""
+    from lipverify.finetune import FinetuneOptions, finetune
+    from lipverify.load.model import parse_shape
+
+    try:
+        opts = FinetuneOptions(
+            target_L=target_l, data=data, val=val, method=method, epochs=epochs, batch_size=batch_size, lr=lr,
+            seed=seed, distill=distill, eps=eps, x_key=x_key, y_key=y_key, label_column=label_column,
+            transform=transform, limit=limit, input_shape=parse_shape(input_shape), spec=spec, activation=activation,
+            sketch_dim=sketch_dim, alpha=alpha, rho=rho, certify_method=certify_method, checkpoint=checkpoint,
+            resume=resume, force=force, certificate=json_path)
+        with _Reporter(not quiet and err.is_terminal) as reporter:
+            result = finetune(model, out_path, opts, report=reporter)
+    except LipverifyError as exc:
+        label = "soundness failure" if exc.exit_code == EXIT_SOUNDNESS else "interrupted" if exc.exit_code == 130 else "error"
+        err.print(f"[bold red]{label}:[/] {exc}", highlight=False)
+        raise typer.Exit(exc.exit_code)
+    if not quiet:
+        render_finetune(result.certificate, out)
+        out.print(f"certificate: {result.certificate_path}")
+    if not result.target_met:
+        err.print(f"[bold red]target not met[/]: certified L {result.certificate['certified_bound']:.6g} > {target_l}")
+        raise typer.Exit(EXIT_GATE)

@@ -1,0 +1,162 @@
+"""lipverify fine-tune: exported files re-certify under the target, formats round-trip, the input is
+never overwritten, resume reproduces an uninterrupted run, bad data exits 2."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lipverify.certify import CertifyOptions, certify
+from lipverify.errors import UserInputError
+from lipverify.finetune import FinetuneOptions, TrainingInterrupted, finetune
+from lipverify.load.model import load_model
+
+torch.set_num_threads(1)
+
+FIX = Path(__file__).resolve().parents[1] / "fixtures"
+pytestmark = pytest.mark.skipif(not (FIX / "mlp.onnx").exists() or not (FIX / "digits_train.npz").exists(),
+                                reason="fixtures not generated")
+
+FAST = dict(certify_method="product", lower_starts=2, lower_budget_s=0.5, limit=256, batch_size=64)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    """Small train/val files (a subset of the digits fixtures) and a copy of the models."""
+    d = tmp_path_factory.mktemp("ft")
+    tr, te = np.load(FIX / "digits_train.npz"), np.load(FIX / "digits_test.npz")
+    np.savez(d / "train.npz", x=tr["x"][:256], y=tr["y"][:256])
+    np.savez(d / "val.npz", x=te["x"][:128], y=te["y"][:128])
+    np.savez(d / "unlabelled.npz", x=tr["x"][:128])
+    np.savez(d / "wrong_shape.npz", x=tr["x"][:64, :, :5, :5], y=tr["y"][:64])
+    for name in ("mlp.onnx", "mlp.pt", "mlp.safetensors", "mlp.json", "cnn_bn.onnx", "cnn_bn.safetensors", "cnn_bn.json"):
+        (d / name).write_bytes((FIX / name).read_bytes())
+    return d
+
+
+def _opts(d, **kw):
+    base = dict(FAST, data=str(d / "train.npz"), val=str(d / "val.npz"))
+    base.update(kw)
+    return FinetuneOptions(**base)
+
+
+def _sha(p):
+    return hashlib.sha256(Path(p).read_bytes()).hexdigest()
+
+
+def _outputs(path, x, spec=None):
+    return load_model(path, (1, 8, 8), spec).reference(x)
+
+
+def test_exported_file_recertifies_below_target(small):
+    out = small / "mlp_L3.onnx"
+    r = finetune(small / "mlp.onnx", out, _opts(small, target_L=3.0, method="rslmi", epochs=1))
+    assert r.target_met and out.exists()
+    # independent re-certification of the file on disk
+    again = certify(out, CertifyOptions(method="product", lower_starts=2, lower_budget_s=0.5))
+    assert again["certified_bound"] <= 3.0
+    cert = json.loads(r.certificate_path.read_text())
+    ft = cert["fine_tune"]
+    assert cert["certified_bound"] <= 3.0 and ft["output"]["sha256"] == _sha(out) == cert["model"]["sha256"]
+    assert ft["source"]["certified_bound"] > 3.0  # the original model did not meet the target
+    assert ft["settings"]["seed"] == 0 and ft["settings"]["method"] == "rslmi"
+    assert 0.0 <= ft["accuracy_after"] <= 1.0 and ft["accuracy_before"] > 0.9
+
+
+@pytest.mark.parametrize("name", ["mlp.onnx", "mlp.pt", "mlp.safetensors", "cnn_bn.safetensors"])
+def test_round_trip_keeps_the_function(small, name):
+    """With no training and a loose target, the exported file computes what the input computes
+    (cnn_bn.safetensors: BatchNorm folded for training and written back as an identity BN)."""
+    src = small / name
+    out = small / f"rt_{name}"
+    r = finetune(src, out, _opts(small, target_L=1e9, epochs=0, method="project", input_shape=(1, 8, 8)))
+    assert r.target_met and not r.certificate["fine_tune"]["final_correction"]
+    x = np.load(small / "val.npz")["x"][:32]
+    spec_in = str(src.with_suffix(".json")) if src.suffix == ".safetensors" else None
+    spec_out = str(out.with_suffix(".json")) if src.suffix == ".safetensors" else None
+    a, b = _outputs(src, x, spec_in), _outputs(out, x, spec_out)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    assert out.suffix == src.suffix
+    if src.suffix == ".safetensors":
+        assert json.loads(out.with_suffix(".json").read_text())["layers"] == json.loads(spec_in and Path(spec_in).read_text())["layers"]
+
+
+def test_out_equal_to_input_is_refused(small):
+    src = small / "mlp.onnx"
+    before = _sha(src)
+    with pytest.raises(UserInputError, match="refusing to overwrite"):
+        finetune(src, src, _opts(small, target_L=2.0, epochs=1))
+    with pytest.raises(UserInputError, match="format"):
+        finetune(src, small / "x.pt", _opts(small, target_L=2.0, epochs=1))
+    assert _sha(src) == before
+
+
+@pytest.mark.parametrize("method", ["rslmi", "lip-loop"])
+def test_resume_gives_the_uninterrupted_result(small, method):
+    kw = dict(target_L=2.0, method=method, epochs=2, seed=3)
+    full = small / f"full_{method}.onnx"
+    finetune(small / "mlp.onnx", full, _opts(small, **kw))
+
+    part = small / f"part_{method}.onnx"
+
+    def ctrl_c(epoch, step):
+        if (epoch, step) == (0, 2):
+            raise KeyboardInterrupt
+
+    with pytest.raises(TrainingInterrupted):
+        finetune(small / "mlp.onnx", part, _opts(small, **kw), on_step=ctrl_c)
+    assert not part.exists() and Path(str(part) + ".ckpt").exists()
+    with pytest.raises(UserInputError, match="other settings"):
+        finetune(small / "mlp.onnx", part, _opts(small, **dict(kw, lr=0.5), resume=True))
+    finetune(small / "mlp.onnx", part, _opts(small, **kw, resume=True))
+    x = np.load(small / "val.npz")["x"]
+    np.testing.assert_array_equal(_outputs(full, x), _outputs(part, x))
+    assert not Path(str(part) + ".ckpt").exists()
+
+
+def test_lip_loop_needs_a_dense_chain_and_distill_works(small):
+    with pytest.raises(UserInputError, match="dense"):
+        finetune(small / "cnn_bn.onnx", small / "c.onnx", _opts(small, target_L=2.0, method="lip-loop", epochs=1))
+    r = finetune(small / "mlp.onnx", small / "d.onnx",
+                 _opts(small, target_L=4.0, epochs=1, distill=True, data=str(small / "unlabelled.npz")))
+    assert r.target_met and r.certificate["fine_tune"]["accuracy_after"] is not None
+
+
+def _cli():
+    import typer
+
+    from lipverify.cli_finetune import fine_tune
+
+    app = typer.Typer()
+    app.command("fine-tune")(fine_tune)
+    app.command("noop")(lambda: None)  # two commands: typer keeps "fine-tune" as a sub-command
+    return app
+
+
+@pytest.mark.parametrize("data,needle", [("wrong_shape.npz", "shape"), ("unlabelled.npz", "--distill")])
+def test_bad_data_exits_2(small, data, needle):
+    from typer.testing import CliRunner
+
+    res = CliRunner().invoke(_cli(), ["fine-tune", str(small / "mlp.onnx"), "--target-L", "2", "--data",
+                                      str(small / data), "--out", str(small / "bad.onnx"), "-q"])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output
+    assert not (small / "bad.onnx").exists()
+
+
+def test_cli_success_and_same_path_refusal(small):
+    from typer.testing import CliRunner
+
+    runner = CliRunner()
+    args = ["fine-tune", str(small / "mlp.onnx"), "--target-L", "3", "--data", str(small / "train.npz"),
+            "--val", str(small / "val.npz"), "--epochs", "1", "--certify-method", "product", "--limit", "256"]
+    res = runner.invoke(_cli(), args + ["--out", str(small / "cli.onnx")])
+    assert res.exit_code == 0, res.output
+    assert "certified L" in res.output and (small / "cli.certificate.json").exists()
+    res = runner.invoke(_cli(), args + ["--out", str(small / "mlp.onnx")])
+    assert res.exit_code == 2 and "refusing" in res.output
