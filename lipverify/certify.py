@@ -72,13 +72,21 @@ def build_graph(loaded: LoadedModel) -> tuple[Graph, dict]:
 
 def choose_methods(graph: Graph, method: str) -> tuple[list[str], str]:
     """Which methods to run, and why (shown to the user)."""
-    if method == "all":
-        names = [n for n, m in METHODS.items() if m.not_applicable(graph) is None]
-        return names, "every applicable method"
-    if method == "auto":
-        names = [n for n, m in METHODS.items() if m.not_applicable(graph) is None
-                 and getattr(m, "fits_auto", lambda g: True)(graph)]
-        return names, "auto: every applicable method that fits the budget; the tightest certified bound is reported"
+    if method in ("all", "auto"):
+        names, skipped = [], []
+        for name, m in METHODS.items():
+            reason = m.not_applicable(graph)
+            if reason is None and method == "auto" and not getattr(m, "fits_auto", lambda g: True)(graph):
+                reason = "too large for the default budget (run it with --method)"
+            if reason is None:
+                names.append(name)
+            else:
+                skipped.append(f"{name}: {reason}")
+        why = ("auto: ran every applicable method that fits the budget and reports the tightest verified bound"
+               if method == "auto" else "all: every applicable method")
+        if skipped:
+            why += "; skipped " + "; ".join(skipped)
+        return names, why
     m = get_method(method)
     reason = m.not_applicable(graph)
     if reason:
