@@ -29,6 +29,12 @@ loop-transformed matrix is dense, not block tridiagonal. We therefore solve and 
 plain (tridiagonal) form, and provide the loop form (``lmi_matrix(..., form="loop")``) only as an
 exactly equivalent dense matrix, used by tests and the cvxpy reference to show equality.
 
+Fast path (``_lipsdp_fast``, torch, CPU or CUDA): a primal log-barrier interior-point method on
+the multipliers with exact Newton steps (dense Hessian of -log det A over all neurons, assembled from
+A^{-1}), the input block shrunk to rank(W_0) by a QR (exact congruence), and rho eliminated in closed
+form from the eigenvalues of the input-block Schur complement. ~40-80 Newton steps reach a 1e-6
+relative gap; plain gradient methods stall on deep nets because the optimum sits in a curved valley.
+
 Soundness: whatever the solver returns is a candidate ``T``. ``repair`` computes the smallest rho
 for that T by a direct formula and ``verify_lipsdp`` accepts it only if a float64 block Cholesky
 of ``A(rho, T) - delta diag(s)`` succeeds, where ``s_i`` is a row scale with
@@ -52,6 +58,7 @@ import torch
 from lipverify.norms.margin import EPS64, inflate
 
 VERIFY_MARGIN_REL = 1e-9
+_MU_FACTOR = 8.0  # barrier parameter growth per outer iteration
 
 
 @dataclass
@@ -69,18 +76,27 @@ class LipSDPResult:
 
 
 # --------------------------------------------------------------------------------------------
-# problem data
+# problem data. All dense linear algebra goes through torch (float64, CPU for verification):
+# torch honours torch.set_num_threads, while numpy's threaded OpenBLAS was 100x slower on the
+# shared 2-core machine (thread oversubscription).
 # --------------------------------------------------------------------------------------------
 
+def _tt(a):
+    if isinstance(a, torch.Tensor):
+        return a.detach().to(device="cpu", dtype=torch.float64)
+    return torch.as_tensor(np.asarray(a, dtype=np.float64))
+
+
 def _prepare(weights, slopes):
-    """float64 numpy weights + per-hidden-layer (alpha, beta); validates shapes and slopes."""
-    ws = [np.asarray(w.detach().cpu().numpy() if isinstance(w, torch.Tensor) else w, dtype=np.float64)
-          for w in weights]
+    """float64 CPU torch weights + per-hidden-layer (alpha, beta); validates shapes and slopes."""
+    ws = [_tt(w) for w in weights]
     if len(ws) < 2:
         raise ValueError("LipSDP needs at least one hidden layer (two weight matrices)")
-    for k in range(1, len(ws)):
-        if ws[k].ndim != 2 or ws[k].shape[1] != ws[k - 1].shape[0]:
-            raise ValueError(f"weight {k} has shape {ws[k].shape}, expected (*, {ws[k - 1].shape[0]})")
+    for k in range(len(ws)):
+        if ws[k].ndim != 2 or (k > 0 and ws[k].shape[1] != ws[k - 1].shape[0]):
+            raise ValueError(f"weight {k} has shape {tuple(ws[k].shape)}, expected (*, {ws[k - 1].shape[0]})")
+        if not bool(torch.isfinite(ws[k]).all()):
+            raise ValueError("non-finite weight")
     nh = len(ws) - 1
     if len(slopes) == 2 and np.isscalar(slopes[0]):
         slopes = [tuple(slopes)] * nh
@@ -92,32 +108,29 @@ def _prepare(weights, slopes):
         if not (np.isfinite(a) and np.isfinite(b)) or not a < b:
             raise ValueError(f"slope interval [{a}, {b}] must satisfy alpha < beta (fold linear layers first)")
         sl.append((a, b))
-    for w in ws:
-        if not np.all(np.isfinite(w)):
-            raise ValueError("non-finite weight")
     return ws, sl
 
 
 def _coeffs(sl):
-    """(2 alpha beta, -2c) per hidden layer: A's coefficients (see module docstring)."""
+    """(2 alpha beta, -(alpha + beta)) per hidden layer: A's coefficients (see module docstring)."""
     return [(2.0 * a * b, -(a + b)) for a, b in sl]
 
 
 def dims(weights):
-    return [np.shape(weights[0])[1]] + [np.shape(w)[0] for w in weights[:-1]]
+    return [int(weights[0].shape[1])] + [int(w.shape[0]) for w in weights[:-1]]
 
 
 def _blocks(ws, sl, T, rho):
-    """Diagonal blocks D[0..l] (D[0] returned as None when it is rho*I exactly) and couplings C[k] = A[k,k+1]."""
+    """Diagonal blocks D[0..l] of A = -M (D[0] is None when it is exactly rho*I) and couplings C[k] = A[k,k+1]."""
     l = len(ws) - 1
     co = _coeffs(sl)
     D, C = [], []
     for k in range(l + 1):
         n = ws[k].shape[1]
         if k == 0:
-            blk = None if co[0][0] == 0.0 else rho * np.eye(n)
+            blk = None if co[0][0] == 0.0 else rho * torch.eye(n, dtype=torch.float64)
         else:
-            blk = np.diag(2.0 * T[k - 1])
+            blk = torch.diag(2.0 * T[k - 1])
         if k < l and co[k][0] != 0.0:
             q = co[k][0] * (ws[k].T * T[k]) @ ws[k]
             blk = q if blk is None else blk + q
@@ -129,45 +142,64 @@ def _blocks(ws, sl, T, rho):
     return D, C
 
 
-def lmi_matrix(weights, slopes, T, rho, form="plain"):
-    """Dense M(rho, T) (the LMI is M <= 0). ``form="loop"``: the loop-transformed matrix J^T M J.
+def _T(T):
+    return [_tt(t).reshape(-1) for t in T]
 
-    For tests, the cvxpy reference and small nets only (dense, size sum of layer widths).
+
+def lmi_matrix(weights, slopes, T, rho, form="plain"):
+    """Dense M(rho, T) as numpy (the LMI is M <= 0). ``form="loop"``: the loop-transformed J^T M J.
+
+    For tests, the cvxpy reference and small nets only (dense, size = sum of layer widths).
     """
     ws, sl = _prepare(weights, slopes)
-    T = [np.asarray(t, dtype=np.float64) for t in T]
-    D, C = _blocks(ws, sl, T, float(rho))
+    D, C = _blocks(ws, sl, _T(T), float(rho))
     ns = dims(ws)
-    off = np.concatenate([[0], np.cumsum(ns)])
-    A = np.zeros((off[-1], off[-1]))
+    off = np.concatenate([[0], np.cumsum(ns)]).astype(int)
+    A = torch.zeros(int(off[-1]), int(off[-1]), dtype=torch.float64)
     for k, blk in enumerate(D):
         s = slice(off[k], off[k + 1])
-        A[s, s] = rho * np.eye(ns[0]) if blk is None else blk
+        A[s, s] = float(rho) * torch.eye(ns[0], dtype=torch.float64) if blk is None else blk
     for k, c in enumerate(C):
         A[off[k]:off[k + 1], off[k + 1]:off[k + 2]] = c
         A[off[k + 1]:off[k + 2], off[k]:off[k + 1]] = c.T
-    M = -A
+    M = (-A).numpy()
     if form == "plain":
         return M
     if form != "loop":
         raise ValueError(form)
-    return loop_jacobian(ws, sl).T @ M @ loop_jacobian(ws, sl)
+    J = loop_jacobian(ws, sl)
+    return J.T @ M @ J
 
 
 def loop_jacobian(weights, slopes):
     """J with (x_0, x_1, .., x_l) = J (x_0, psi_0, .., psi_{l-1}), x_{k+1} = c_k W_k x_k + d_k psi_k."""
     ws, sl = _prepare(weights, slopes)
     ns = dims(ws)
-    off = np.concatenate([[0], np.cumsum(ns)])
-    J = np.zeros((off[-1], off[-1]))
-    J[:ns[0], :ns[0]] = np.eye(ns[0])
+    off = np.concatenate([[0], np.cumsum(ns)]).astype(int)
+    J = torch.zeros(int(off[-1]), int(off[-1]), dtype=torch.float64)
+    J[:ns[0], :ns[0]] = torch.eye(ns[0], dtype=torch.float64)
     for k in range(len(ws) - 1):
         a, b = sl[k]
         c, d = (a + b) / 2, (b - a) / 2
         rows = slice(off[k + 1], off[k + 2])
         J[rows] = c * ws[k] @ J[off[k]:off[k + 1]]
-        J[rows, off[k + 1]:off[k + 2]] += d * np.eye(ns[k + 1])
-    return J
+        J[rows, off[k + 1]:off[k + 2]] += d * torch.eye(ns[k + 1], dtype=torch.float64)
+    return J.numpy()
+
+
+def lmi_violation(weights, slopes, T, rho):
+    """lambda_max(M(rho, T)) by a dense float64 eigensolver (> 0: the LMI is violated). Reporting only."""
+    M = torch.as_tensor(lmi_matrix(weights, slopes, T, rho))
+    return float(torch.linalg.eigvalsh((M + M.T) / 2)[-1])
+
+
+def _chol(a):
+    L, info = torch.linalg.cholesky_ex((a + a.T) / 2)
+    return None if int(info) != 0 else L
+
+
+def _trsm(L, B):
+    return torch.linalg.solve_triangular(L, B, upper=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,6 +214,7 @@ def verify_lipsdp(weights, slopes, T, rho, margin_rel=VERIFY_MARGIN_REL):
     be positive definite (Cholesky succeeds). ``delta = max(margin_rel, 2 n^2 eps)``, s_i a row scale
     with |A_ij| <= sqrt(s_i s_j) (see the module docstring for why this covers all rounding).
     Also requires finite rho > 0 and T >= 0 elementwise (the S-procedure needs T >= 0).
+    Runs on the CPU in float64 whatever device the solver used.
     """
     try:
         ws, sl = _prepare(weights, slopes)
@@ -194,18 +227,18 @@ def verify_lipsdp(weights, slopes, T, rho, margin_rel=VERIFY_MARGIN_REL):
         return False, "rho must be finite and > 0"
     if len(T) != l:
         return False, f"need {l} multiplier vectors, got {len(T)}"
-    T = [np.asarray(t, dtype=np.float64).reshape(-1) for t in T]
+    T = _T(T)
     for k, t in enumerate(T):
         if t.shape[0] != ns[k + 1]:
             return False, f"T[{k}] has {t.shape[0]} entries, layer has {ns[k + 1]}"
-        if not np.all(np.isfinite(t)) or np.any(t < 0):
+        if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
             return False, f"T[{k}] must be finite and >= 0"
     D, C = _blocks(ws, sl, T, rho)
     co = _coeffs(sl)
     # per-index scale s_i: dominates |A_ij| / sqrt(s_i s_j) for all entries (Cauchy-Schwarz)
     scl = []
     for k in range(l + 1):
-        sk = np.full(ns[k], rho) if k == 0 else 2.0 * T[k - 1]
+        sk = torch.full((ns[k],), rho, dtype=torch.float64) if k == 0 else 2.0 * T[k - 1]
         if k < l:
             sk = sk + (abs(co[k][0]) + abs(co[k][1])) * ((ws[k] ** 2).T @ T[k])
         if k == l:
@@ -216,93 +249,76 @@ def verify_lipsdp(weights, slopes, T, rho, margin_rel=VERIFY_MARGIN_REL):
     shift = [rel * sk for sk in scl]
     if D[0] is None:
         s0 = rho - shift[0]
-        if np.any(s0 <= 0):
+        if bool((s0 <= 0).any()):
             return False, "rho below the margin"
-        X = C[0] / np.sqrt(s0)[:, None]
+        X = C[0] / torch.sqrt(s0)[:, None]
     else:
-        try:
-            L0 = np.linalg.cholesky(D[0] - np.diag(shift[0]))
-        except np.linalg.LinAlgError:
+        L0 = _chol(D[0] - torch.diag(shift[0]))
+        if L0 is None:
             return False, "block 0 (input) not positive definite"
-        X = _solve_lower(L0, C[0])
+        X = _trsm(L0, C[0])
     for k in range(1, l + 1):
-        S = D[k] - np.diag(shift[k]) - X.T @ X
-        S = (S + S.T) / 2
-        try:
-            Lk = np.linalg.cholesky(S)
-        except np.linalg.LinAlgError:
+        Lk = _chol(D[k] - torch.diag(shift[k]) - X.T @ X)
+        if Lk is None:
             return False, f"Schur complement at block {k} not positive definite"
         if k < l:
-            X = _solve_lower(Lk, C[k])
+            X = _trsm(Lk, C[k])
     return True, f"block-tridiagonal Cholesky of -M - {rel:.1e}*diag(s) (s_i = row scale of A)"
-
-
-def _is_pd(a):
-    try:
-        np.linalg.cholesky(a)
-        return True
-    except np.linalg.LinAlgError:
-        return False
-
-
-def _solve_lower(L, B):
-    import scipy.linalg
-    return scipy.linalg.solve_triangular(L, B, lower=True, check_finite=False)
 
 
 # --------------------------------------------------------------------------------------------
 # repair: smallest rho for a fixed T
 # --------------------------------------------------------------------------------------------
 
-def rho_for_T(weights, slopes, T):
-    """Exact (floating-point) smallest rho with A(rho, T) >= 0, or inf when no rho works.
+def _reduce_input(W0):
+    """R^T with W0 = R^T Q^T (QR of W0^T) when W0 is wide: same nonzero spectrum of W0^T K W0."""
+    if W0.shape[1] > W0.shape[0]:
+        return torch.linalg.qr(W0.T, mode="r")[1].T
+    return W0
+
+
+def rho_for_T(weights, slopes, T, _W0r=None):
+    """Smallest rho with A(rho, T) >= 0 (floating point), or inf when no rho works.
 
     Eliminate the hidden blocks backward: Sigma_l = A_ll, Sigma_k = A_kk - C_k Sigma_{k+1}^{-1} C_k^T
-    (k >= 1) must be positive definite; then rho_min = lambda_max(-(2ab W_0^T T_0 W_0 -
-    C_0 Sigma_1^{-1} C_0^T)), computed on the row space of W_0 (QR) to keep it small.
+    (k >= 1) must be positive definite; then rho_min = lambda_max(W_0^T K W_0) with
+    K = (a+b)^2 T_0 Sigma_1^{-1} T_0 - 2ab T_0, computed on the row space of W_0 (QR) to keep it small.
     """
     ws, sl = _prepare(weights, slopes)
     l = len(ws) - 1
-    T = [np.asarray(t, dtype=np.float64).reshape(-1) for t in T]
-    if any(np.any(t < 0) or not np.all(np.isfinite(t)) for t in T):
+    T = _T(T)
+    if any(bool((t < 0).any()) or not bool(torch.isfinite(t).all()) for t in T):
         return math.inf
     D, C = _blocks(ws, sl, T, 1.0)
     Sig = D[l]
     for k in range(l - 1, 0, -1):
-        try:
-            Lk = np.linalg.cholesky((Sig + Sig.T) / 2)
-        except np.linalg.LinAlgError:
+        Lk = _chol(Sig)
+        if Lk is None:
             return math.inf
-        Y = _solve_lower(Lk, C[k].T)
+        Y = _trsm(Lk, C[k].T)
         Sig = D[k] - Y.T @ Y
-    try:
-        L1 = np.linalg.cholesky((Sig + Sig.T) / 2)
-    except np.linalg.LinAlgError:
+    L1 = _chol(Sig)
+    if L1 is None:
         return math.inf
     co = _coeffs(sl)[0]
-    # K (n1 x n1) with -(A00 - rho I - C_0 Sig^-1 C_0^T) = W_0^T K W_0
-    Z = _solve_lower(L1, np.diag(T[0]))  # L1^{-1} T_0
-    K = co[1] ** 2 * (Z.T @ Z) - co[0] * np.diag(T[0])
-    W0 = ws[0]
-    if W0.shape[1] > W0.shape[0]:
-        _, R = np.linalg.qr(W0.T)  # W0^T = Q R, W0 = R^T Q^T
-        Wr = R.T
-    else:
-        Wr = W0
-    lam = np.linalg.eigvalsh(Wr.T @ K @ Wr)[-1]
+    Z = _trsm(L1, torch.diag(T[0]))  # L1^{-1} T_0
+    K = co[1] ** 2 * (Z.T @ Z) - co[0] * torch.diag(T[0])
+    Wr = _reduce_input(ws[0]) if _W0r is None else _W0r
+    B = Wr.T @ K @ Wr
+    lam = torch.linalg.eigvalsh((B + B.T) / 2)[-1]
     return max(float(lam), 0.0)
 
 
-def repair(weights, slopes, T, max_tries=40):
-    """Smallest rho (up to a 1e-12..relative bump) for which verify_lipsdp accepts (rho, T); inf if none."""
-    rho = rho_for_T(weights, slopes, T)
+def repair(weights, slopes, T, max_tries=40, _W0r=None):
+    """Smallest rho (the exact one, bumped by 1e-12.. relative) that verify_lipsdp accepts; inf if none."""
+    rho = rho_for_T(weights, slopes, T, _W0r)
     if not np.isfinite(rho):
         return math.inf
     base = max(rho, 1e-300)
     bump = 1e-12
     for _ in range(max_tries):
         cand = base * (1 + bump) + 1e-300
-        if cand > 0 and verify_lipsdp(weights, slopes, T, cand)[0]:
+        if verify_lipsdp(weights, slopes, T, cand)[0]:
             return cand
         bump *= 4
         if bump > 1e6:
@@ -310,22 +326,14 @@ def repair(weights, slopes, T, max_tries=40):
     return math.inf
 
 
-# --------------------------------------------------------------------------------------------
-# fast solver: primal log-barrier interior point method with Newton steps (torch, CPU or CUDA)
-# --------------------------------------------------------------------------------------------
-
 class _Problem:
     """Reduced problem in torch. Input block reduced to rank(W_0) dims by a QR (exact congruence)."""
 
     def __init__(self, ws, sl, mode, device):
         self.dev = torch.device(device)
         self.mode = mode
-        tt = lambda a: torch.as_tensor(a, dtype=torch.float64, device=self.dev)
-        W0 = ws[0]
-        if W0.shape[1] > W0.shape[0]:
-            _, R = np.linalg.qr(W0.T)
-            W0 = R.T
-        self.W = [tt(W0)] + [tt(w) for w in ws[1:]]
+        self.W0r = _reduce_input(ws[0])  # exact congruence: the input block shrinks to rank(W_0) dims
+        self.W = [w.to(self.dev) for w in [self.W0r] + list(ws[1:])]
         self.l = len(ws) - 1
         self.ns = [self.W[0].shape[1]] + [w.shape[0] for w in self.W[:-1]]
         self.off = np.concatenate([[0], np.cumsum(self.ns)]).astype(int)
@@ -333,8 +341,9 @@ class _Problem:
         self.N = int(sum(self.ns[1:]))
         co = _coeffs(sl)
         hid = [self.ns[k + 1] for k in range(self.l)]
-        self.g11 = torch.cat([torch.full((h,), co[k][0], dtype=torch.float64, device=self.dev) for k, h in enumerate(hid)])
-        self.g12 = torch.cat([torch.full((h,), co[k][1], dtype=torch.float64, device=self.dev) for k, h in enumerate(hid)])
+        per_neuron = lambda j: torch.cat([torch.full((h,), co[k][j], dtype=torch.float64, device=self.dev)
+                                          for k, h in enumerate(hid)])
+        self.g11, self.g12 = per_neuron(0), per_neuron(1)  # entries of G = [[2ab, -(a+b)], [-(a+b), 2]]
         self.g22 = torch.full((self.N,), 2.0, dtype=torch.float64, device=self.dev)
         self.co = co
         self.layer_of = np.concatenate([[k] * h for k, h in enumerate(hid)])
@@ -391,37 +400,30 @@ class _Problem:
         return grad_rho, grad_t, h_rr, h_rt, H
 
 
-def _initial_point(ws, sl, mode):
-    """Strictly feasible layer-uniform start by backward elimination (ECLipsE-like, scalar per layer)."""
+def _initial_point(ws, sl, mode=None):
+    """Strictly feasible layer-uniform start by backward elimination (ECLipsE-like, scalar per layer).
+
+    lambda_{l-1} = ||W_l||^2 makes the last block ||W_l||^2-definite; then each earlier lambda_{k-1} is
+    chosen so that the Schur complement 2 lambda_{k-1} I + B_k is positive definite with some slack,
+    and rho makes the input block PSD (times 2 for slack). Any strictly feasible point works.
+    """
     l = len(ws) - 1
     co = _coeffs(sl)
     lam = [0.0] * l
     Wl = ws[l]
-    sw = float(np.linalg.norm(Wl, 2)) ** 2
-    lam[l - 1] = max(sw, 1e-12)
-    Sig = 2 * lam[l - 1] * np.eye(Wl.shape[1]) - Wl.T @ Wl
-    for k in range(l - 1, -1, -1):
+    lam[l - 1] = max(float(torch.linalg.matrix_norm(Wl, 2)) ** 2, 1e-12)
+    Sig = 2 * lam[l - 1] * torch.eye(Wl.shape[1], dtype=torch.float64) - Wl.T @ Wl
+    for k in range(l - 1, 0, -1):
         Wk = ws[k]
         a, c = co[k]
-        L = np.linalg.cholesky((Sig + Sig.T) / 2)
-        Y = _solve_lower(L, (c * lam[k]) * Wk)  # L^{-1} C_k^T
+        Y = _trsm(_chol(Sig), (c * lam[k]) * Wk)  # L^{-1} C_k^T
         B = a * lam[k] * Wk.T @ Wk - Y.T @ Y
-        if k > 0:
-            ev = np.linalg.eigvalsh((B + B.T) / 2)
-            floor = 1e-3 * max(abs(ev[0]), abs(ev[-1]), lam[k]) + 1e-300
-            lam[k - 1] = max(-ev[0], 0.0) + floor  # 2 lam I + B >= (lam + floor) I
-            Sig = 2 * lam[k - 1] * np.eye(Wk.shape[1]) + B
-        else:
-            Wr = Wk
-            if Wk.shape[1] > Wk.shape[0]:
-                _, R = np.linalg.qr(Wk.T)
-                Wr = R.T
-            # rho I + A00' - C_0 Sig^-1 C_0^T >= 0  <=>  rho >= lambda_max(W0^T K W0)
-            K = (c * lam[0]) ** 2 * np.linalg.inv((Sig + Sig.T) / 2) - a * lam[0] * np.eye(Wk.shape[0])
-            Br = Wr.T @ K @ Wr
-            rho = 2 * max(float(np.linalg.eigvalsh((Br + Br.T) / 2)[-1]), 1e-300)
+        ev = torch.linalg.eigvalsh((B + B.T) / 2)
+        floor = 1e-3 * max(abs(float(ev[0])), abs(float(ev[-1])), lam[k]) + 1e-300
+        lam[k - 1] = max(-float(ev[0]), 0.0) + floor  # 2 lam I + B >= (lam + floor) I
+        Sig = 2 * lam[k - 1] * torch.eye(Wk.shape[1], dtype=torch.float64) + B
     T = [np.full(ws[k].shape[0], lam[k]) for k in range(l)]
-    return rho, T
+    return T
 
 
 def lipsdp(weights, slopes, mode="neuron", *, solver="fast", device="cpu", time_budget_s=None, tol=1e-6,
@@ -446,11 +448,11 @@ def lipsdp(weights, slopes, mode="neuron", *, solver="fast", device="cpu", time_
 def _finish(ws, sl, mode, T, raw_rho, t0, extra=None, solver="fast"):
     rho = repair(ws, sl, T)
     if not np.isfinite(rho):
-        return None
+        raise RuntimeError("no verified multiplier found")
     ok, msg = verify_lipsdp(ws, sl, T, rho)
     assert ok, msg  # repair only returns verified rho
     n = sum(dims(ws))
-    viol = float(np.linalg.eigvalsh(lmi_matrix(ws, sl, T, raw_rho))[-1]) if n <= 1500 and np.isfinite(raw_rho) else float("nan")
+    viol = lmi_violation(ws, sl, T, raw_rho) if n <= 600 and np.isfinite(raw_rho) else float("nan")
     return LipSDPResult(value=inflate(math.sqrt(rho), n), rho=rho, T=[np.asarray(t, np.float64) for t in T],
                         mode=mode, solver=solver, check=msg, raw_value=math.sqrt(max(raw_rho, 0.0)),
                         raw_violation=viol, seconds=time.perf_counter() - t0, info=extra or {})
@@ -470,11 +472,11 @@ def _lipsdp_fast(weights, slopes, mode, device, time_budget_s, tol, verbose):
     """
     t0 = time.perf_counter()
     ws, sl = _prepare(weights, slopes)
-    _, T0 = _initial_point(ws, sl, mode)
-    best = (repair(ws, sl, T0), T0)
+    T0 = _initial_point(ws, sl, mode)
+    pb = _Problem(ws, sl, mode, device)
+    best = (repair(ws, sl, T0, _W0r=pb.W0r), T0)
     if not np.isfinite(best[0]):
         raise RuntimeError("could not build a feasible starting point (numerically degenerate weights?)")
-    pb = _Problem(ws, sl, mode, device)
     dev = pb.dev
     layer = mode == "layer"
     m0 = pb.ns[0]
@@ -484,7 +486,7 @@ def _lipsdp_fast(weights, slopes, mode, device, time_budget_s, tol, verbose):
     to_t = (lambda th: E @ th) if layer else (lambda th: th)
     nu = m0 + (pb.n - m0) + theta.numel()
     tau = nu / best[0]
-    mu_factor = 8.0
+    mu_factor = _MU_FACTOR
     newton_steps = 0
     history = []
 
@@ -558,7 +560,7 @@ def _lipsdp_fast(weights, slopes, mode, device, time_budget_s, tol, verbose):
                 break
         Tcur = [np.full(pb.ns[k + 1], float(theta[k])) for k in range(pb.l)] if layer else \
             pb.split(theta.detach().cpu().numpy())
-        rcur = repair(ws, sl, Tcur)
+        rcur = repair(ws, sl, Tcur, _W0r=pb.W0r)
         history.append((outer, tau, rho, rcur, newton_steps))
         if verbose:
             print(f"outer {outer} tau {tau:.3e} rho {rho:.10g} verified {rcur:.10g} steps {newton_steps}")
@@ -585,3 +587,10 @@ def lipsdp_batch(hidden_weights, slopes, last_layers, mode="neuron", **kw) -> li
                                       dtype=np.float64))
         out.append(lipsdp(list(hidden_weights) + [Wl], slopes, mode, **kw))
     return out
+
+
+def initial_T(weights, slopes) -> list:
+    """A strictly feasible layer-uniform multiplier (closed-form backward elimination): a cheap
+    certificate start for callers (fine-tuning); certify it with ``repair`` + ``verify_lipsdp``."""
+    ws, sl = _prepare(weights, slopes)
+    return _initial_point(ws, sl)

@@ -281,18 +281,10 @@ def dense_chain(tg) -> tuple[list, list[tuple[float, float]]]:
 
 
 def _closed_form_T(weights, slopes) -> list[np.ndarray]:
-    """LipSDP certificate variables from lipsdp_core's closed-form strictly feasible start.
+    """LipSDP certificate variables from lipsdp_core's closed-form strictly feasible start."""
+    from lipverify.bounds.lipsdp_core import initial_T
 
-    ``_initial_point`` is private to lipsdp_core and has returned both ``(rho, T)`` and ``T``;
-    accept either (a public ``initial_T`` there would remove this adapter).
-    """
-    from lipverify.bounds.lipsdp_core import _initial_point, _prepare
-
-    w64, sl = _prepare(weights, slopes)
-    r = _initial_point(w64, sl, "layer")
-    if isinstance(r, tuple) and len(r) == 2 and np.ndim(r[0]) == 0:
-        r = r[1]
-    return [np.asarray(t, dtype=np.float64).reshape(-1) for t in r]
+    return [np.asarray(t, dtype=np.float64).reshape(-1) for t in initial_T(weights, slopes)]
 
 
 class LipLoop(Method):
