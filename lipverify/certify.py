@@ -10,6 +10,7 @@ import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -26,6 +27,9 @@ from lipverify.graph.simplify import simplify
 from lipverify.graph.transform import select_output
 from lipverify.load import LoadedModel, load_model
 from lipverify.verify import verify
+
+if TYPE_CHECKING:
+    from lipverify.robustness import DataOptions
 
 SCHEMA_VERSION = "1.1"  # 1.1: every method entry carries the witness that `lipverify check` re-verifies
 
@@ -50,6 +54,18 @@ class CertifyOptions:
     min_certified_acc: list[tuple[float, float]] = field(default_factory=list)  # (accuracy, eps) gates
     per_sample_csv: str | None = None
     reports: list[str] = field(default_factory=list)  # .html / .md audit reports
+    extra_outputs: list[str] = field(default_factory=list)  # other files the caller will write (--json)
+
+
+def validate_options(opts: CertifyOptions) -> None:
+    if opts.lower_starts < 1:
+        raise UserInputError("--lower-starts must be at least 1")
+    if not 0 <= opts.seed < 2**63:
+        raise UserInputError("--seed must be in [0, 2**63)")
+    if not opts.lower_budget_s > 0:
+        raise UserInputError("--lower-budget-s must be positive")
+    if opts.budget_s is not None and not opts.budget_s > 0:
+        raise UserInputError("--budget-s must be positive")
 
 
 def resolve_device(device: str) -> str:
@@ -111,8 +127,9 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
     t0 = time.perf_counter()
     device = resolve_device(opts.device)
 
+    validate_options(opts)
     model_file = Path(model_path).resolve()
-    for path in [opts.per_sample_csv, *opts.reports]:
+    for path in [opts.per_sample_csv, *opts.reports, *opts.extra_outputs]:
         if path and Path(path).resolve() == model_file:
             raise UserInputError(f"refusing to overwrite the model file {path} with an output")
     loaded = load_model(model_path, opts.input_shape, opts.spec, opts.activation, opts.factory)

@@ -37,23 +37,34 @@ class CheckReport:
 
 def read_certificate(path) -> dict:
     path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such certificate file")
     try:
         cert = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise UserInputError(f"{path}: no such certificate file")
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UserInputError(f"{path}: not a JSON certificate ({exc})")
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise UserInputError(f"{path}: not a JSON certificate ({type(exc).__name__})")
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read it ({exc.strerror or exc})")
     if not isinstance(cert, dict):
         raise UserInputError(f"{path}: not a certificate (expected a JSON object)")
     version = cert.get("schema_version")
-    if version not in SUPPORTED_SCHEMAS:
+    if not isinstance(version, str) or version not in SUPPORTED_SCHEMAS:
         raise UserInputError(f"{path}: schema_version {version!r} is not checkable (need one of "
                              f"{sorted(SUPPORTED_SCHEMAS)}; re-certify with this lipverify)")
-    for key in ("model", "certified_bound", "methods", "method"):
-        if key not in cert:
-            raise UserInputError(f"{path}: the certificate has no {key!r} entry")
-    if not isinstance(cert["methods"], dict) or not cert["methods"]:
+    expected = {"model": dict, "certified_bound": (int, float), "methods": dict, "method": str}
+    for key, kind in expected.items():
+        if not isinstance(cert.get(key), kind) or isinstance(cert.get(key), bool):
+            raise UserInputError(f"{path}: the certificate's {key!r} entry is missing or of the wrong type")
+    if not cert["methods"] or not all(isinstance(v, dict) for v in cert["methods"].values()):
         raise UserInputError(f"{path}: the certificate lists no methods")
+    if not isinstance(cert.get("bounds", {}), dict) or not isinstance(cert["model"].get("data_files") or {}, dict):
+        raise UserInputError(f"{path}: the certificate's bounds/data_files entries are malformed")
+    output = cert.get("output")
+    if output is not None and (not isinstance(output, int) or isinstance(output, bool)):
+        raise UserInputError(f"{path}: the certificate's 'output' entry must be an integer or null")
+    shape = cert["model"].get("input_shape")
+    if shape is not None and (not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape)):
+        raise UserInputError(f"{path}: the certificate's input_shape is malformed")
     return cert
 
 
@@ -94,6 +105,8 @@ def check_certificate(cert_path, model_path, input_shape=None, spec=None, activa
         try:
             value = float(entry["value"])
             witness = entry["witness"]
+            if not isinstance(witness, dict):
+                raise TypeError("witness is not an object")
         except (KeyError, TypeError, ValueError):
             raise CertificateInvalid(f"method {name}: no value/witness in the certificate")
         claimed = cert.get("bounds", {}).get(name, value)
@@ -104,7 +117,7 @@ def check_certificate(cert_path, model_path, input_shape=None, spec=None, activa
             detail = verify(graph, result)
         except SoundnessError as exc:
             raise CertificateInvalid(f"method {name}: {exc}")
-        except (KeyError, TypeError, ValueError, IndexError) as exc:
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
             raise CertificateInvalid(f"method {name}: malformed witness ({type(exc).__name__}: {exc})")
         verified[name] = value
         report.passed(f"method {name}: bound {value:.6g}", detail)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import os
 import sys
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -88,6 +89,10 @@ def certify(
     lower_budget_s: float = typer.Option(10.0, "--lower-budget-s", help="Time limit (s) of the lower-bound search."),
     budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Time budget (s) used by --method auto."),
     budget_mem: Optional[str] = typer.Option(None, "--budget-mem", help="Memory budget, e.g. 4G: larger models are refused before allocation."),
+    sketch_dim: int = typer.Option(32, "--sketch-dim", help="rslmi: dimension of the Gaussian sketch."),
+    sketch_iters: int = typer.Option(2, "--sketch-iters", help="rslmi: block power iterations of the sketch."),
+    layerwise_steps: int = typer.Option(300, "--layerwise-steps", help="layerwise: optimisation steps on the scalings."),
+    layerwise_seconds: float = typer.Option(60.0, "--layerwise-seconds", help="layerwise: time cap of the optimisation."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset for certified radii: .npz, .pt, .safetensors, .csv or an image folder."),
     eps: str = typer.Option("0.1,0.25,0.5", "--eps", help="Comma-separated L2 radii for certified accuracy."),
     x_key: str = typer.Option("x", "--x-key", help="Name of the input array in --data."),
@@ -113,7 +118,12 @@ def certify(
 
         opts.budget_mem = parse_bytes(budget_mem)
         opts.lower_budget_s = lower_budget_s
+        if sketch_dim < 1 or sketch_iters < 0 or layerwise_steps < 0 or not layerwise_seconds >= 0:
+            raise UserInputError("--sketch-dim must be >= 1; --sketch-iters, --layerwise-steps, --layerwise-seconds >= 0")
+        opts.method_options.update(sketch_dim=sketch_dim, sketch_iters=sketch_iters,
+                                   layerwise_steps=layerwise_steps, layerwise_seconds=layerwise_seconds)
         opts.per_sample_csv, opts.reports = per_sample, list(report)
+        opts.extra_outputs = [json_path] if json_path else []
         opts.min_certified_acc = [_parse_gate(g) for g in min_certified_acc]
         if data is not None:
             from lipverify.data import DataSpec
@@ -153,6 +163,8 @@ def inspect(
     from lipverify.report.table import render_inspect
 
     try:
+        if json_path and Path(json_path).resolve() == Path(model).resolve():
+            raise UserInputError(f"refusing to overwrite the model file {model} with --json")
         info = run_inspect(model, _options("auto", None, input_shape, spec, activation, factory, "cpu", 0, None, 0))
         if json_path:
             write_json(json_path, info)

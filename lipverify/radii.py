@@ -22,9 +22,9 @@ logit) is subtracted twice from every difference when the caller knows its logit
 from __future__ import annotations
 
 import csv
+import io
 import math
 import os
-import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from lipverify.errors import UserInputError
+from lipverify.fileio import atomic_write_text
 
 SQRT2 = math.sqrt(2.0)
 # Rounds the float64 division down: a few ulps cover the division and sqrt(2) roundings.
@@ -196,35 +197,25 @@ def write_csv(r: RadiiResult, eps_list: Sequence[float], path) -> None:
     eps_list = [float(e) for e in eps_list]
     header = ["index", "label", "prediction", "margin", "radius", "radius_global", "radius_pairwise"]
     header += [f"certified@{_eps_key(e)}" for e in eps_list]
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".radii-", suffix=".csv.tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", newline="", encoding="utf-8") as fh:
-            w = csv.writer(fh)
-            w.writerow(header)
-            for i in range(r.n):
-                row = [
-                    str(int(r.index[i])),
-                    str(int(r.label[i])),
-                    str(int(r.prediction[i])),
-                    _fmt(r.margin[i]),
-                    _fmt(r.radius[i]),
-                    _fmt(r.radius_global[i]),
-                    "" if r.radius_pairwise is None else _fmt(r.radius_pairwise[i]),
-                ]
-                for e in eps_list:
-                    flags = r.certified_at.get(e)
-                    ok = bool(flags[i]) if flags is not None else bool(r.radius[i] > e)
-                    row.append("1" if ok else "0")
-                w.writerow(row)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    buffer = io.StringIO()
+    w = csv.writer(buffer)
+    w.writerow(header)
+    for i in range(r.n):
+        row = [
+            str(int(r.index[i])),
+            str(int(r.label[i])),
+            str(int(r.prediction[i])),
+            _fmt(r.margin[i]),
+            _fmt(r.radius[i]),
+            _fmt(r.radius_global[i]),
+            "" if r.radius_pairwise is None else _fmt(r.radius_pairwise[i]),
+        ]
+        for e in eps_list:
+            flags = r.certified_at.get(e)
+            ok = bool(flags[i]) if flags is not None else bool(r.radius[i] > e)
+            row.append("1" if ok else "0")
+        w.writerow(row)
+    atomic_write_text(path, buffer.getvalue())
 
 
 def read_csv(path) -> dict[str, np.ndarray]:

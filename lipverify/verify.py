@@ -13,7 +13,7 @@ from typing import Callable
 
 import torch
 
-from lipverify.bounds.base import BoundResult
+from typing import TYPE_CHECKING
 from lipverify.errors import SoundnessError
 from lipverify.graph.ir import Graph, Node
 from lipverify.norms.conv import verify_conv_bound
@@ -25,12 +25,17 @@ from lipverify.ops.pool import AvgPool, MaxPool, Reduce
 from lipverify.ops.shape import Pad, Reshape, Slice, Transpose
 from lipverify.ops.softmax import Softmax
 
+if TYPE_CHECKING:  # importing lipverify.bounds here would import the methods, which import this module
+    from lipverify.bounds.base import BoundResult
+
 UNROLL_MAX_INPUTS = 4096  # unroll small linear ops into a dense matrix for the check
 
 
 def gram_is_below(matrix: torch.Tensor, bound: float) -> bool:
     """True iff bound^2 I - A A^T (or A^T A, the smaller side) is positive definite (Cholesky)."""
     a = matrix.to(torch.float64)
+    if bound * bound == 0.0:  # a zero (or denormal) bound holds only for the zero map
+        return bound >= 0 and not bool(a.any())
     gram = a @ a.mT if a.shape[-2] <= a.shape[-1] else a.mT @ a
     eye = torch.eye(gram.shape[-1], dtype=gram.dtype, device=gram.device)
     _, info = torch.linalg.cholesky_ex(bound * bound * eye - gram)
@@ -74,7 +79,7 @@ def check_factor(node: Node, in_shape, claimed: float) -> bool:
     return False
 
 
-def verify_product(graph: Graph, result: BoundResult) -> str:
+def verify_product(graph: Graph, result: "BoundResult") -> str:
     from lipverify.bounds.product import propagate
 
     factors = result.witness["factors"]
@@ -91,10 +96,10 @@ def verify_product(graph: Graph, result: BoundResult) -> str:
     return "each factor re-checked by Cholesky of tau^2 I - A^T A (float64); product recomputed"
 
 
-VERIFIERS: dict[str, Callable[[Graph, BoundResult], str]] = {"product": verify_product}
+VERIFIERS: dict[str, Callable[[Graph, "BoundResult"], str]] = {"product": verify_product}
 
 
-def verify(graph: Graph, result: BoundResult) -> str:
+def verify(graph: Graph, result: "BoundResult") -> str:
     """Re-check ``result`` independently; return what passed, raise SoundnessError otherwise."""
     if not (result.value >= 0 and math.isfinite(result.value)):
         raise SoundnessError(f"method {result.method} returned a non-finite or negative bound {result.value}")

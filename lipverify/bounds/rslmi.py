@@ -161,8 +161,9 @@ class RSLMIBound(BoundMethod):
             in_shape = graph.in_shape(node)
             extra: dict = {}
             if isinstance(node.op, LinearOp):
-                exact_map = linear_map(node.op, in_shape, node.out_shape)
-                work_map = linear_map(node.op, in_shape, node.out_shape, work) if work != torch.float64 else None
+                exact_map = linear_map(node.op, in_shape, node.out_shape, device=ctx.device)
+                work_map = (linear_map(node.op, in_shape, node.out_shape, work, ctx.device)
+                            if work != torch.float64 else None)
                 est = sketched_tau(exact_map, m, iters, seed=ctx.seed + i, device=ctx.device, work_map=work_map)
                 cert = certify_linear(node.op, in_shape, est.sigma_hat, ctx.device)
                 # raise tau_hat until certified: the certified tau is the larger of the two

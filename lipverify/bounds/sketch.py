@@ -62,15 +62,27 @@ def vjp_adjoint(apply: Apply, in_shape, dtype=torch.float64, device="cpu") -> Ap
     return adjoint
 
 
-def linear_map(op: LinearOp, in_shape, out_shape, dtype: torch.dtype = torch.float64) -> LinearMap:
-    """The linear part of a graph op as a LinearMap (closed-form adjoint for convolutions).
+def op_on(op: LinearOp, device: str = "cpu", dtype: torch.dtype = torch.float64) -> LinearOp:
+    """A shallow copy of ``op`` whose floating tensors live on ``device`` in ``dtype`` (the graph's
+    own op is left untouched)."""
+    tensors = {k: v for k, v in vars(op).items() if isinstance(v, torch.Tensor) and v.is_floating_point()}
+    if all(v.device == torch.device(device) and v.dtype == dtype for v in tensors.values()):
+        return op
+    clone = copy.copy(op)
+    for k, v in tensors.items():
+        setattr(clone, k, v.to(device=device, dtype=dtype))
+    return clone
 
-    With a ``dtype`` other than float64 the map acts with a cast copy of the op (the graph's own
-    float64 op is left untouched): that is for the cheap power iterations of the sketch only.
+
+def linear_map(op: LinearOp, in_shape, out_shape, dtype: torch.dtype = torch.float64,
+               device: str = "cpu") -> LinearMap:
+    """The linear part of a graph op as a LinearMap on ``device`` (closed-form adjoint for convs).
+
+    With a ``dtype`` other than float64 the map acts with a cast copy of the op: that is for the
+    cheap power iterations of the sketch only.
     """
     in_shape, out_shape = tuple(in_shape), tuple(out_shape)
-    if dtype != torch.float64:
-        op = copy.copy(op).to(dtype)
+    op = op_on(op, device, dtype)
     if isinstance(op, Conv):
         from lipverify.norms.conv import conv_adjoint
 

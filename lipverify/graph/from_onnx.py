@@ -23,7 +23,8 @@ from lipverify.graph.elementwise import find_activation_regions
 from lipverify.graph.ir import Graph, Node
 from lipverify.graph.onnx_ops import CONVERTERS
 
-SHAPE_ONLY_OPS = {"Shape", "Size"}  # depend on the input's shape, never its values
+SHAPE_ONLY_OPS = {"Shape", "Size"}
+MAX_INPUT_VALUES = 50_000_000  # per sample  # depend on the input's shape, never its values
 
 
 def run_all_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -82,6 +83,11 @@ def resolve_input_shape(model: onnx.ModelProto, input_shape: tuple[int, ...] | N
     if not dims or any(d is None for d in dims[1:]):
         raise UserInputError(f"the model input {inp.name!r} has shape {dims or 'unknown'}; pass --input-shape "
                              "(per-sample, without the batch axis), e.g. --input-shape 1,28,28")
+    if any(d <= 0 for d in dims[1:]) or np.prod(dims[1:], dtype=np.float64) > MAX_INPUT_VALUES:
+        raise UserInputError(f"the model input {inp.name!r} declares an impossible per-sample shape {dims[1:]}")
+    if fixed_batch is not None and fixed_batch > 1024:
+        raise UserInputError(f"the model input {inp.name!r} has a fixed batch size of {fixed_batch}; export it "
+                             "with a dynamic (or size-1) batch axis")
     return tuple(dims[1:]), fixed_batch or 2
 
 

@@ -12,7 +12,6 @@ from typing import Callable
 import numpy as np
 import torch
 
-from lipverify.errors import UnsupportedOperationError
 from lipverify.ops.activation import ELU, GELU, LeakyReLU, ReLU, Sigmoid, Softplus, Tanh
 from lipverify.ops.conv import Conv
 from lipverify.ops.dense import Dense, Scale, Shift

@@ -70,7 +70,11 @@ def parse_shape(text: str | None) -> tuple[int, ...] | None:
 
 def check_finite_initializers(model: onnx.ModelProto) -> None:
     for init in model.graph.initializer:
-        arr = numpy_helper.to_array(init)
+        try:
+            arr = numpy_helper.to_array(init)
+        except Exception as exc:  # dims/data_type/data length inconsistent: a corrupt file
+            raise UserInputError(f"the weight tensor {init.name!r} is corrupt ({type(exc).__name__}: {exc})"
+                                 .split("\n")[0]) from exc
         if arr.dtype.kind == "f" and not np.all(np.isfinite(arr)):
             raise UserInputError(f"the weights contain NaN or Inf (tensor {init.name!r}); nothing to certify")
 
@@ -84,6 +88,8 @@ def load_onnx(path: Path, input_shape=None) -> LoadedModel:
         raise UserInputError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})".split("\n")[0]) from exc
     if not model.graph.node:
         raise UserInputError(f"{path}: the ONNX graph is empty (not a valid model file)")
+    if not model.graph.output:
+        raise UserInputError(f"{path}: the ONNX graph declares no output")
     data_files = {}
     for init in model.graph.initializer:
         for entry in init.external_data:
@@ -101,16 +107,31 @@ def load_onnx(path: Path, input_shape=None) -> LoadedModel:
                              .split("\n")[0]) from exc
     check_finite_initializers(model)
     serialized = model.SerializeToString()
+    batch_dims = [i.type.tensor_type.shape.dim for i in model.graph.input
+                  if i.name not in {t.name for t in model.graph.initializer}]
+    fixed_batch = batch_dims[0][0].dim_value if batch_dims and batch_dims[0] and batch_dims[0][0].dim_value else None
 
     def reference(x: np.ndarray) -> np.ndarray:
+        """The model as onnxruntime computes it (float32); respects a fixed batch size in the file."""
         import onnxruntime as ort
 
-        options = ort.SessionOptions()
-        options.log_severity_level = 3
         if not hasattr(reference, "session"):
+            options = ort.SessionOptions()
+            options.log_severity_level = 3
             reference.session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
         s = reference.session
-        return s.run(None, {s.get_inputs()[0].name: x.astype(np.float32)})[0]
+        name = s.get_inputs()[0].name
+        x = np.asarray(x, dtype=np.float32)
+        if fixed_batch is None or len(x) == fixed_batch:
+            return s.run(None, {name: x})[0]
+        outs = []
+        for i in range(0, len(x), fixed_batch):
+            chunk = x[i:i + fixed_batch]
+            pad = fixed_batch - len(chunk)
+            if pad:
+                chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
+            outs.append(s.run(None, {name: chunk})[0][: fixed_batch - pad])
+        return np.concatenate(outs)
 
     return LoadedModel(path, "onnx", sha256_file(path), model, reference, input_shape, data_files=data_files)
 
@@ -207,7 +228,10 @@ def load_module(path: Path, factory: str, input_shape=None) -> LoadedModel:
         raise UserInputError(f"--factory {factory!r}: cannot import ({exc})") from exc
     finally:
         sys.path.pop(0)
-    module = fn()
+    try:
+        module = fn()
+    except Exception as exc:
+        raise UserInputError(f"--factory {factory!r} raised {type(exc).__name__}: {exc}".split("\n")[0]) from exc
     if not isinstance(module, torch.nn.Module):
         raise UserInputError(f"--factory {factory!r} returned {type(module).__name__}, not a torch.nn.Module")
     try:

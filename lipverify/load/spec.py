@@ -215,16 +215,22 @@ def load_spec(path) -> dict:
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UserInputError(f"spec {str(path)!r} is not a UTF-8 text (JSON) file: {exc.reason} at byte {exc.start}") from None
     except OSError as exc:
         raise UserInputError(f"cannot read spec {str(path)!r}: {exc.strerror or exc}") from exc
     try:
         spec = json.loads(text)
     except json.JSONDecodeError as exc:
         raise UserInputError(f"spec {str(path)!r} is not valid JSON: line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
+    except RecursionError:
+        raise UserInputError(f"spec {str(path)!r} is nested too deeply to read") from None
     try:
         return validate_spec(spec)
     except UserInputError as exc:
         raise UserInputError(f"{path.name}: {exc}") from None
+    except RecursionError:
+        raise UserInputError(f"spec {str(path)!r}: residual blocks are nested too deeply") from None
 
 
 # ----------------------------------------------------------------------------------------------

@@ -6,7 +6,6 @@ Slice is a coordinate projection (norm ≤ 1; exactly 1 unless it selects nothin
 
 from __future__ import annotations
 
-import torch
 import torch.nn.functional as F
 
 from lipverify.norms.margin import NormResult

@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from html import escape
 
@@ -134,20 +133,9 @@ def ratio_of(lower, upper) -> float | None:
 
 def atomic_write_text(path, text: str) -> None:
     """Write via a temp file in the same folder and os.replace (no half-written reports)."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".report-", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a report is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    from lipverify.fileio import atomic_write_text as write
+
+    write(path, text)
 
 
 # --------------------------------------------------------------------------- HTML
