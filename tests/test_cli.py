@@ -166,7 +166,7 @@ def test_data_radii_reports_and_gates(tmp_path):
 
     csv = read_csv(tmp_path / "r.csv")
     assert len(csv["radius"]) == 120
-    r = run(*args, "--min-certified-acc", "0.999@0.1")
+    r = run(*args, "--method", "product", "--min-certified-acc", "0.999@0.1")
     assert r.exit_code == 1
 
 

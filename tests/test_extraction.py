@@ -201,3 +201,21 @@ def test_symbolic_input_dims_need_input_shape(tmp_path):
     with pytest.raises(UserInputError, match="--input-shape"):
         certify(path)
     assert certify(path, CertifyOptions(input_shape=(1, 6, 6), lower_starts=4))["certified_bound"] > 0
+
+
+@pytest.mark.regression
+@pytest.mark.parametrize("case", ["conv_reads_only_padding", "zero_dense"])
+def test_zero_layers_certify_without_false_alarm(case, tmp_path):
+    """Found by the soundness campaign: an exactly-zero layer has factor 0 (inflated to 1e-300),
+    whose square underflowed in the Cholesky check and raised a false soundness alarm."""
+    torch.manual_seed(0)
+    if case == "conv_reads_only_padding":
+        model, shape = nn.Sequential(nn.Conv2d(1, 1, 1, stride=3, padding=1), nn.Flatten(), nn.Linear(4, 2)), (1, 2, 2)
+    else:
+        model, shape = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2)), (3,)
+        with torch.no_grad():
+            model[0].weight.zero_()
+    path = export_onnx(model, shape, tmp_path / "z.onnx")
+    cert = certify(path, CertifyOptions(method="all", lower_starts=4, lower_budget_s=2))
+    assert cert["lower_bound"] == 0.0
+    assert all(0.0 <= v < 1e-100 for v in cert["bounds"].values())

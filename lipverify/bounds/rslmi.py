@@ -147,6 +147,11 @@ def propagate_with_blocks(graph: Graph, factors: dict[str, float], blocks: dict[
 @register
 class RSLMIBound(BoundMethod):
     name = "rslmi"
+
+    def fits_auto(self, graph) -> bool:
+        # it certifies the same value as `product` (the sketch is only an estimate); its gain is speed
+        # on large models, so `auto` runs product instead and rslmi is chosen explicitly
+        return False
     description = ("RS-LMI: per-layer sketched LMI estimates tau_hat (m-dim Gaussian sketch), each raised to a "
                    "deterministically certified tau; residual blocks with linear branches bounded as a whole")
 
