@@ -196,3 +196,25 @@ def test_memory_guard_refuses_before_allocation(small_onnx):
     assert r.exit_code == 2 and "budget-mem" in r.output
     assert run("certify", small_onnx, "--budget-mem", "2G", *FAST).exit_code == 0
     assert run("certify", small_onnx, "--budget-mem", "plenty").exit_code == 2
+
+
+def test_module_factory_with_state_dict(tmp_path, monkeypatch):
+    (tmp_path / "my_models.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import my_models
+
+    torch.manual_seed(3)
+    model = my_models.build()
+    torch.save(model.state_dict(), tmp_path / "weights.pt")
+    r = run("certify", tmp_path / "weights.pt", "--factory", "my_models:build", "--json", tmp_path / "c.json", *FAST)
+    assert r.exit_code == 0, r.output
+    cert = json.loads((tmp_path / "c.json").read_text())
+    assert cert["model"]["format"] == "module"
+    w1, w2 = (np.linalg.norm(l.weight.detach().double().numpy(), 2) for l in (model[0], model[2]))
+    assert cert["bounds"]["product"] == pytest.approx(w1 * w2, rel=1e-7)
+    assert run("certify", tmp_path / "weights.pt", "--factory", "my_models:nope").exit_code == 2
+    assert run("certify", tmp_path / "weights.pt", "--factory", "json:loads").exit_code == 2
