@@ -219,3 +219,23 @@ def test_zero_layers_certify_without_false_alarm(case, tmp_path):
     cert = certify(path, CertifyOptions(method="all", lower_starts=4, lower_budget_s=2))
     assert cert["lower_bound"] == 0.0
     assert all(0.0 <= v < 1e-100 for v in cert["bounds"].values())
+
+
+@pytest.mark.parametrize("auto_pad", ["SAME_UPPER", "SAME_LOWER", "VALID"])
+def test_conv_and_pool_auto_pad(auto_pad, tmp_path):
+    """Hand-written ONNX (torch never writes auto_pad): the self-check compares with onnxruntime."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((3, 2, 3, 3)).astype(np.float32), "w")
+    nodes = [helper.make_node("Conv", ["x", "w"], ["c"], auto_pad=auto_pad, strides=[2, 2]),
+             helper.make_node("Relu", ["c"], ["r"]),
+             helper.make_node("MaxPool", ["r"], ["y"], auto_pad=auto_pad, kernel_shape=[2, 2], strides=[2, 2])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 2, 7, 7])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    path = tmp_path / "auto.onnx"
+    onnx.save(model, str(path))
+    cert = certify(path, CertifyOptions(method="product", lower_starts=4, lower_budget_s=2))
+    assert cert["self_check"]["max_abs_diff"] <= cert["self_check"]["tolerance"]
+    assert 0 < cert["lower_bound"] <= cert["certified_bound"]

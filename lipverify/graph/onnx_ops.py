@@ -62,6 +62,24 @@ def matmul(v):
     v.emit(Dense(t64(b.T)))
 
 
+def _explicit_pads(v, kernel, stride, dilation) -> list[int]:
+    """ONNX pads (begins then ends), resolving auto_pad SAME_UPPER/SAME_LOWER/VALID from the input shape."""
+    n = len(kernel)
+    pads = list(v.attr("pads", [0] * (2 * n)))
+    auto_pad = v.attr("auto_pad", "NOTSET")
+    if auto_pad == "VALID":
+        return [0] * (2 * n)
+    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
+        spatial = v.in_shape(0)[1:]
+        for d in range(n):
+            eff = (kernel[d] - 1) * dilation[d] + 1
+            out = -(-spatial[d] // stride[d])
+            total = max(0, (out - 1) * stride[d] + eff - spatial[d])
+            small, big = total // 2, total - total // 2
+            pads[d], pads[d + n] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+    return pads
+
+
 @converts("Conv")
 def conv(v):
     w = v.const(1, "weight")
@@ -71,18 +89,7 @@ def conv(v):
         v.unsupported(f"{nsp}-D convolution (1-D and 2-D are supported)")
     stride = v.attr("strides", [1] * nsp)
     dilation = v.attr("dilations", [1] * nsp)
-    pads = list(v.attr("pads", [0] * (2 * nsp)))
-    auto_pad = v.attr("auto_pad", "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        spatial = v.in_shape(0)[1:]
-        for d in range(nsp):
-            eff = (w.shape[2 + d] - 1) * dilation[d] + 1
-            out = -(-spatial[d] // stride[d])
-            total = max(0, (out - 1) * stride[d] + eff - spatial[d])
-            small, big = total // 2, total - total // 2
-            pads[d], pads[d + nsp] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
-    elif auto_pad == "VALID":
-        pads = [0] * (2 * nsp)
+    pads = _explicit_pads(v, list(w.shape[2:]), stride, dilation)
     v.emit(Conv(t64(w), bias, stride, pads, dilation, v.attr("group", 1)))
 
 
@@ -282,16 +289,7 @@ def _pool_geometry(v):
         v.unsupported(f"{n}-D pooling")
     stride = v.attr("strides", [1] * n)
     dilation = v.attr("dilations", [1] * n)
-    pads = list(v.attr("pads", [0] * (2 * n)))
-    auto_pad = v.attr("auto_pad", "NOTSET")
-    if auto_pad in ("SAME_UPPER", "SAME_LOWER"):
-        spatial = v.in_shape(0)[1:]
-        for d in range(n):
-            eff = (kernel[d] - 1) * dilation[d] + 1
-            out = -(-spatial[d] // stride[d])
-            total = max(0, (out - 1) * stride[d] + eff - spatial[d])
-            small, big = total // 2, total - total // 2
-            pads[d], pads[d + n] = (small, big) if auto_pad == "SAME_UPPER" else (big, small)
+    pads = _explicit_pads(v, kernel, stride, dilation)
     return kernel, stride, pads, dilation, bool(v.attr("ceil_mode", 0))
 
 
