@@ -123,12 +123,12 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
     """Certify a model file; returns the certificate dict (the documented JSON schema)."""
     opts = opts or CertifyOptions()
     track = track or (lambda it, desc, total=None: it)
+    validate_options(opts)
     torch.manual_seed(opts.seed)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
     device = resolve_device(opts.device)
 
-    validate_options(opts)
     model_file = Path(model_path).resolve()
     for path in [opts.per_sample_csv, *opts.reports, *opts.extra_outputs]:
         if path and Path(path).resolve() == model_file:

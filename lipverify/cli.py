@@ -131,6 +131,8 @@ def certify(
 
             if limit is not None and limit <= 0:
                 raise UserInputError("--limit must be positive")
+            if batch_size <= 0:
+                raise UserInputError("--batch-size must be positive")
             spec_ = DataSpec(path=data, x_key=x_key, y_key=y_key, label_column=label_column, transform=transform,
                              limit=limit, seed=seed, batch_size=batch_size)
             opts.data = DataOptions(spec=spec_, eps=_parse_floats(eps, "--eps"))

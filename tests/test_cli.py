@@ -218,3 +218,11 @@ def test_module_factory_with_state_dict(tmp_path, monkeypatch):
     assert cert["bounds"]["product"] == pytest.approx(w1 * w2, rel=1e-7)
     assert run("certify", tmp_path / "weights.pt", "--factory", "my_models:nope").exit_code == 2
     assert run("certify", tmp_path / "weights.pt", "--factory", "json:loads").exit_code == 2
+
+
+@pytest.mark.regression
+def test_huge_seed_with_data_is_refused(small_onnx):
+    """Found by fuzzing: the seed was used before it was validated."""
+    r = run("certify", FIXTURES / "mlp.onnx", "--seed", str(2**70), "--data", FIXTURES / "digits_test.npz")
+    assert r.exit_code == 2 and "--seed" in r.output
+    assert run("certify", FIXTURES / "mlp.onnx", "--data", FIXTURES / "digits_test.npz", "--batch-size", "-1").exit_code == 2
