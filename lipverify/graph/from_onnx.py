@@ -31,6 +31,7 @@ def run_all_tensors(model: onnx.ModelProto, feeds: dict[str, np.ndarray]) -> dic
     """Run the model in onnxruntime and return every node output by name."""
     import onnxruntime as ort
 
+    ort.set_default_logger_severity(3)  # errors reach the user as our message, not as runtime log lines
     exposed = onnx.ModelProto()
     exposed.CopyFrom(model)
     present = {o.name for o in exposed.graph.output}

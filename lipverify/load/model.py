@@ -116,6 +116,7 @@ def load_onnx(path: Path, input_shape=None) -> LoadedModel:
         import onnxruntime as ort
 
         if not hasattr(reference, "session"):
+            ort.set_default_logger_severity(3)
             options = ort.SessionOptions()
             options.log_severity_level = 3
             reference.session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
