@@ -47,7 +47,8 @@ def _sole_consumer(graph: Graph, node: Node) -> Node | None:
 
 def _fuse(graph: Graph, first: Node, second: Node, survivor: Node) -> None:
     """Replace the pair first -> second by ``survivor`` (one of them, its op already updated)."""
-    survivor.source = " + ".join(s for s in (first.source, second.source) if s)
+    parts = [p for s in (first.source, second.source) if s for p in s.split(" + ")]
+    survivor.source = " + ".join(dict.fromkeys(parts))  # each source node named once, in order
     if survivor is first:  # first takes over second's output tensor
         old = first.name
         first.name, first.out_shape = second.name, second.out_shape

@@ -14,17 +14,28 @@ def _fmt(x, digits=6) -> str:
     return str(x)
 
 
-def layer_table(cert: dict) -> Table:
-    table = Table(title=f"Per-layer factors ({cert['method']})", show_lines=False)
-    for col, justify in (("#", "right"), ("layer (source)", "left"), ("operation", "left"), ("in → out", "left"),
-                         ("factor", "right"), ("τ = factor²", "right"), ("lower est.", "right"), ("gap", "right"),
-                         ("how", "left")):
+def layer_table(cert: dict, method: str | None = None) -> Table:
+    """Per-layer rows of ``method`` (default: the reported one); RS-LMI rows add the sketched τ̂."""
+    method = method or cert["method"]
+    layers = cert.get("methods", {}).get(method, {}).get("layers") or cert["layers"]
+    sketched = any("tau_hat" in l for l in layers)
+    table = Table(title=f"Per-layer factors ({method})", show_lines=False)
+    columns = [("#", "right"), ("layer (source)", "left"), ("operation", "left"), ("in → out", "left")]
+    if sketched:
+        columns.append(("τ̂ sketch (estimate)", "right"))
+    columns += [("factor", "right"), ("τ = factor²", "right"), ("lower est.", "right"), ("gap", "right"),
+                ("how", "left")]
+    for col, justify in columns:
         table.add_column(col, justify=justify, overflow="fold")
-    for i, l in enumerate(cert["layers"]):
+    for i, l in enumerate(layers):
         gap = l["factor"] / l["lower"] if l.get("lower") else None
         shapes = f"{tuple(l['in_shape'])} → {tuple(l['out_shape'])}"
-        table.add_row(str(i), l["name"], l["op"], shapes, _fmt(l["factor"]), _fmt(l["tau"]), _fmt(l.get("lower")),
-                      _fmt(gap, 4) if gap else "–", l.get("how", ""))
+        row = [str(i), l["name"], l["op"], shapes]
+        if sketched:
+            row.append(_fmt(l.get("tau_hat")))
+        row += [_fmt(l["factor"]), _fmt(l["tau"]), _fmt(l.get("lower")), _fmt(gap, 4) if gap else "–",
+                l.get("how", "")]
+        table.add_row(*row)
     return table
 
 
@@ -69,6 +80,8 @@ def data_table(data: dict) -> Table:
 
 def render_certificate(cert: dict, console: Console) -> None:
     console.print(layer_table(cert))
+    if "rslmi" in cert.get("bounds", {}) and cert["method"] != "rslmi":
+        console.print(layer_table(cert, "rslmi"))
     console.print(summary_table(cert))
     if cert.get("data"):
         console.print(data_table(cert["data"]))
