@@ -14,7 +14,11 @@ def _fmt(x, digits=6) -> str:
     return str(x)
 
 
-def layer_table(cert: dict, method: str | None = None) -> Table:
+def _shape(dims) -> str:
+    return "×".join(str(d) for d in dims) or "scalar"
+
+
+def layer_table(cert: dict, method: str | None = None, wide: bool = True) -> Table:
     """Per-layer rows of ``method`` (default: the reported one); RS-LMI rows add the sketched τ̂."""
     method = method or cert["method"]
     layers = cert.get("methods", {}).get(method, {}).get("layers") or cert["layers"]
@@ -23,18 +27,20 @@ def layer_table(cert: dict, method: str | None = None) -> Table:
     columns = [("#", "right"), ("layer (source)", "left"), ("operation", "left"), ("in → out", "left")]
     if sketched:
         columns.append(("τ̂ sketch (estimate)", "right"))
-    columns += [("factor", "right"), ("τ = factor²", "right"), ("lower est.", "right"), ("gap", "right"),
-                ("how", "left")]
+    columns += [("factor", "right"), ("τ = factor²", "right"), ("lower est.", "right"), ("gap", "right")]
+    if wide:  # how each factor was obtained; also in the JSON
+        columns.append(("how", "left"))
     for col, justify in columns:
         table.add_column(col, justify=justify, overflow="fold")
     for i, l in enumerate(layers):
         gap = l["factor"] / l["lower"] if l.get("lower") else None
-        shapes = f"{tuple(l['in_shape'])} → {tuple(l['out_shape'])}"
+        shapes = f"{_shape(l['in_shape'])} → {_shape(l['out_shape'])}"
         row = [str(i), l["name"], l["op"], shapes]
         if sketched:
             row.append(_fmt(l.get("tau_hat")))
-        row += [_fmt(l["factor"]), _fmt(l["tau"]), _fmt(l.get("lower")), _fmt(gap, 4) if gap else "–",
-                l.get("how", "")]
+        row += [_fmt(l["factor"]), _fmt(l["tau"]), _fmt(l.get("lower")), _fmt(gap, 4) if gap else "–"]
+        if wide:
+            row.append(l.get("how", ""))
         table.add_row(*row)
     return table
 
@@ -79,9 +85,10 @@ def data_table(data: dict) -> Table:
 
 
 def render_certificate(cert: dict, console: Console) -> None:
-    console.print(layer_table(cert))
+    wide = console.width >= 120
+    console.print(layer_table(cert, wide=wide))
     if "rslmi" in cert.get("bounds", {}) and cert["method"] != "rslmi":
-        console.print(layer_table(cert, "rslmi"))
+        console.print(layer_table(cert, "rslmi", wide=wide))
     console.print(summary_table(cert))
     if cert.get("data"):
         console.print(data_table(cert["data"]))
