@@ -329,7 +329,13 @@ def random_network(seed: int, family: str | None = None) -> RandomNet:
     if family is None:
         family = str(rng.choice(FAMILIES, p=[0.4, 0.3, 0.3]))
     build = {"tiny_relu": _tiny_relu, "mlp": _mlp, "cnn": _cnn}[family]
-    return build(seed, rng)
+    # a few draws stack too many strided layers for the input size; redraw (deterministically)
+    for attempt in range(20):
+        try:
+            return build(seed, rng if attempt == 0 else np.random.default_rng([seed, 7, attempt]))
+        except RuntimeError:
+            continue
+    raise RuntimeError(f"seed {seed}: no valid {family} network in 20 draws")
 
 
 def export_onnx(module: nn.Module, input_shape, path, fold: bool = True) -> Path:
