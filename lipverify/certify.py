@@ -231,11 +231,8 @@ def _eps_key(eps: float) -> str:
 
 
 def write_outputs(cert: dict, radii, opts: CertifyOptions) -> None:
-    """Per-sample CSV and audit reports (all written atomically; never over the model file)."""
-    model = Path(cert["model"]["path"]).resolve()
-    for path in [opts.per_sample_csv, *opts.reports]:
-        if path and Path(path).resolve() == model:
-            raise UserInputError(f"refusing to overwrite the model file {path}")
+    """Per-sample CSV and audit reports (all written atomically; ``certify`` has already refused any
+    output path that names the model file)."""
     if opts.per_sample_csv:
         if radii is None:
             raise UserInputError("--per-sample needs --data")

@@ -29,7 +29,6 @@ class CertificateInvalid(Exception):
 @dataclass
 class CheckReport:
     steps: list[tuple[str, str]] = field(default_factory=list)  # (step, outcome)
-    valid: bool = True
 
     def passed(self, step: str, detail: str = "ok") -> None:
         self.steps.append((step, detail))

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import torch
 from onnx import numpy_helper
 
 from lipverify.errors import UnsupportedOperationError, UserInputError
@@ -250,7 +249,3 @@ class OnnxExtractor:
 
 def extract_onnx(model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None) -> Graph:
     return OnnxExtractor(model, input_shape).extract()
-
-
-def ir_dtype_cast(graph: Graph) -> Graph:
-    return graph.to(torch.float64)
