@@ -92,7 +92,7 @@ def worker(path: str, method: str, device: str, options: dict) -> dict:
     from lipverify.bounds import METHODS as REG, BoundContext
     from lipverify.certify import build_graph
     from lipverify.load import load_model
-    from lipverify.verify import verify
+    from lipverify.verifier import verify
 
     t0 = time.perf_counter()
     graph, _ = build_graph(load_model(path))

@@ -26,7 +26,7 @@ from lipverify.graph.ir import Graph
 from lipverify.graph.simplify import simplify
 from lipverify.graph.transform import select_output
 from lipverify.load import LoadedModel, load_model
-from lipverify.verify import verify
+from lipverify.verifier import verify
 
 if TYPE_CHECKING:
     from lipverify.robustness import DataOptions

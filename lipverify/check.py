@@ -5,7 +5,7 @@ An auditor's command. It trusts nothing in the certificate except as a claim to 
 2. the graph is re-extracted from the file and self-checked against the file's own runtime;
 3. every method's witness (per-layer factors, LipSDP multipliers, scalings) is re-checked with float64
    linear algebra only (Cholesky factorizations, exact norms; no solver, no randomness) by
-   ``lipverify.verify``, and the claimed bound is recomputed from the witness;
+   ``lipverify.verifier``, and the claimed bound is recomputed from the witness;
 4. the headline ``certified_bound`` must be one of the verified values.
 """
 
@@ -73,7 +73,7 @@ def check_certificate(cert_path, model_path, input_shape=None, spec=None, activa
     from lipverify.certify import build_graph
     from lipverify.graph.transform import select_output
     from lipverify.load import load_model
-    from lipverify.verify import verify
+    from lipverify.verifier import verify
 
     cert = read_certificate(cert_path)
     report = CheckReport()

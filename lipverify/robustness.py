@@ -21,7 +21,7 @@ from lipverify.errors import SoundnessError, UserInputError
 from lipverify.graph.ir import Graph
 from lipverify.graph.transform import output_dim, pairwise_difference
 from lipverify.radii import RadiiResult, compute_radii, pgd_inside_radius, summarize
-from lipverify.verify import verify
+from lipverify.verifier import verify
 
 # float32 logits: relative rounding allowance (|error| <= LOGIT_REL_TOL * (1 + |logit|_max)), generous
 LOGIT_REL_TOL = 1e-5

@@ -23,7 +23,7 @@ from lipverify.ops.dense import Dense, Shift
 from lipverify.ops.merge import Add
 from lipverify.ops.pool import AvgPool, MaxPool, Reduce
 from lipverify.ops.shape import Reshape
-from lipverify.verify import verify
+from lipverify.verifier import verify
 
 torch.set_num_threads(1)
 F64 = torch.float64

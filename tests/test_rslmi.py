@@ -23,7 +23,7 @@ from lipverify.ops.dense import Dense
 from lipverify.ops.merge import Add, Sub
 from lipverify.ops.pool import AvgPool
 from lipverify.ops.shape import Reshape
-from lipverify.verify import verify
+from lipverify.verifier import verify
 
 torch.set_num_threads(1)
 F64 = torch.float64

@@ -2,7 +2,7 @@
 
 Methods plug in like cvxpy's solvers: a registry of named methods over one graph representation.
 A method returns a ``BoundResult`` whose ``value`` has passed the method's own float64 check;
-``lipverify.verify`` then re-checks it independently before anything is printed as certified.
+``lipverify.verifier`` then re-checks it independently before anything is printed as certified.
 """
 
 from __future__ import annotations

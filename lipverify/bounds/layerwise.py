@@ -661,6 +661,3 @@ class LayerwiseBound(BoundMethod):
                            check="scaled per-layer norms in float64 (exact SVD / FFT-Gram) with rounding margin",
                            witness=witness, seconds=time.perf_counter() - start, notes=notes)
 
-
-# the independent verifiers register themselves on import: never run this method without them
-from lipverify import verify_scaled  # noqa: E402,F401

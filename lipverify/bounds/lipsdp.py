@@ -3,7 +3,7 @@
 Applicable to a chain (optional input flatten) Dense -> activation -> Dense -> ... -> Dense with any
 slope-restricted elementwise activations (alpha < 0 included) and biases anywhere. Convolutions and
 residual blocks go through the scalable methods instead. The solver and the float64 verifier live in
-``lipsdp_core``; the witness (T, rho) is re-checked by ``verify_lipsdp_result`` before printing.
+``lipsdp_core``; the witness (T, rho) is re-checked by ``lipverify.verifier.lipsdp`` before printing.
 """
 
 from __future__ import annotations
@@ -15,9 +15,8 @@ import numpy as np
 
 from lipverify.bounds import register
 from lipverify.bounds.base import BoundContext, BoundMethod, BoundResult
-from lipverify.bounds.lipsdp_core import lipsdp, verify_lipsdp
+from lipverify.bounds.lipsdp_core import lipsdp
 from lipverify.bounds.product import layer_factors, layer_rows
-from lipverify.errors import SoundnessError
 from lipverify.graph.ir import Graph
 from lipverify.ops.activation import Activation
 from lipverify.ops.dense import Dense, Shift
@@ -103,34 +102,3 @@ class LipSDPLayer(_LipSDP):
     name = "lipsdp-layer"
     description = "LipSDP with one multiplier per layer (dense chains)"
     mode = "layer"
-
-
-def verify_lipsdp_result(graph: Graph, result: BoundResult) -> str:
-    """Re-check (rho, T) from the witness on the weights of ``graph`` by float64 block Cholesky."""
-    chain = dense_chain(graph)
-    if isinstance(chain, str):
-        raise SoundnessError(f"{result.method}: the graph is not a dense chain ({chain})")
-    weights, slopes = chain
-    w = result.witness
-    T = [np.asarray(t, dtype=np.float64) for t in w["T"]]
-    rho = float(w["rho"])
-    if len(T) != len(weights) - 1 or any(t.shape != (wk.shape[0],) for t, wk in zip(T, weights)):
-        raise SoundnessError(f"{result.method}: the multipliers do not match the network's layers")
-    if w.get("mode") == "layer" and any(np.ptp(t) != 0 for t in T):
-        raise SoundnessError(f"{result.method}: layer multipliers must be constant per layer")
-    ok, detail = verify_lipsdp(weights, slopes, T, rho)
-    if not ok:
-        raise SoundnessError(f"{result.method}: the LMI does not hold for the stored (rho, T): {detail}")
-    if not result.value >= math.sqrt(rho) or not math.isfinite(result.value):
-        raise SoundnessError(f"{result.method}: claimed {result.value} is below sqrt(rho) = {math.sqrt(rho)}")
-    return f"LipSDP LMI re-checked by float64 block Cholesky at the stored (rho, T): {detail}"
-
-
-def _register_verifier() -> None:
-    from lipverify.verify import VERIFIERS
-
-    VERIFIERS["lipsdp-neuron"] = verify_lipsdp_result
-    VERIFIERS["lipsdp-layer"] = verify_lipsdp_result
-
-
-_register_verifier()

@@ -206,64 +206,29 @@ def _trsm(L, B):
 # verification (no solver involved)
 # --------------------------------------------------------------------------------------------
 
-def verify_lipsdp(weights, slopes, T, rho, margin_rel=VERIFY_MARGIN_REL):
-    """Independent float64 check that M(rho, T) <= 0, i.e. A = -M >= delta diag(s) (explicit margin).
+def verify_lipsdp(weights, slopes, T, rho):
+    """(ok, detail): the trusted block-Cholesky check of ``lipverify.verifier.lipsdp`` on (rho, T).
 
-    Block Cholesky (forward block LDL^T) of the block-tridiagonal ``A - Delta``, Delta = delta diag(s):
-    ``S_0 = A00 - Delta_0``, ``S_k = A_kk - Delta_k - C_{k-1}^T S_{k-1}^{-1} C_{k-1}``; every S_k must
-    be positive definite (Cholesky succeeds). ``delta = max(margin_rel, 2 n^2 eps)``, s_i a row scale
-    with |A_ij| <= sqrt(s_i s_j) (see the module docstring for why this covers all rounding).
-    Also requires finite rho > 0 and T >= 0 elementwise (the S-procedure needs T >= 0).
-    Runs on the CPU in float64 whatever device the solver used.
-    """
+    Also requires finite rho > 0 and T >= 0 elementwise (the S-procedure needs T >= 0)."""
+    from lipverify.verifier.lipsdp import lmi_holds
+
     try:
         ws, sl = _prepare(weights, slopes)
     except ValueError as e:
         return False, f"bad input: {e}"
-    l = len(ws) - 1
-    ns = dims(ws)
     rho = float(rho)
     if not (np.isfinite(rho) and rho > 0):
         return False, "rho must be finite and > 0"
-    if len(T) != l:
-        return False, f"need {l} multiplier vectors, got {len(T)}"
+    if len(T) != len(ws) - 1:
+        return False, f"need {len(ws) - 1} multiplier vectors, got {len(T)}"
     T = _T(T)
+    ns = dims(ws)
     for k, t in enumerate(T):
         if t.shape[0] != ns[k + 1]:
             return False, f"T[{k}] has {t.shape[0]} entries, layer has {ns[k + 1]}"
         if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
             return False, f"T[{k}] must be finite and >= 0"
-    D, C = _blocks(ws, sl, T, rho)
-    co = _coeffs(sl)
-    # per-index scale s_i: dominates |A_ij| / sqrt(s_i s_j) for all entries (Cauchy-Schwarz)
-    scl = []
-    for k in range(l + 1):
-        sk = torch.full((ns[k],), rho, dtype=torch.float64) if k == 0 else 2.0 * T[k - 1]
-        if k < l:
-            sk = sk + (abs(co[k][0]) + abs(co[k][1])) * ((ws[k] ** 2).T @ T[k])
-        if k == l:
-            sk = sk + (ws[l] ** 2).sum(0)
-        scl.append(sk)
-    n = sum(ns)
-    rel = max(margin_rel, 2.0 * n * n * EPS64)
-    shift = [rel * sk for sk in scl]
-    if D[0] is None:
-        s0 = rho - shift[0]
-        if bool((s0 <= 0).any()):
-            return False, "rho below the margin"
-        X = C[0] / torch.sqrt(s0)[:, None]
-    else:
-        L0 = _chol(D[0] - torch.diag(shift[0]))
-        if L0 is None:
-            return False, "block 0 (input) not positive definite"
-        X = _trsm(L0, C[0])
-    for k in range(1, l + 1):
-        Lk = _chol(D[k] - torch.diag(shift[k]) - X.T @ X)
-        if Lk is None:
-            return False, f"Schur complement at block {k} not positive definite"
-        if k < l:
-            X = _trsm(Lk, C[k])
-    return True, f"block-tridiagonal Cholesky of -M - {rel:.1e}*diag(s) (s_i = row scale of A)"
+    return lmi_holds(ws, sl, T, rho)
 
 
 # --------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ never worse than 1 + ||L|| and often much better.
 
 Each LayerBound carries ``extra["tau_hat"]`` (sketched estimate, labelled as such) beside the
 certified factor; the witness carries the certified tau_k per node and the block bounds, which
-``lipverify.verify_scaled`` re-checks with different algorithms.
+``lipverify.verifier.scaled`` re-checks with different algorithms.
 """
 
 from __future__ import annotations
@@ -200,6 +200,3 @@ class RSLMIBound(BoundMethod):
             seconds=time.perf_counter() - start, notes=notes,
         )
 
-
-# the independent verifiers register themselves on import: never run this method without them
-from lipverify import verify_scaled  # noqa: E402,F401

@@ -487,34 +487,11 @@ def conv_norm(weight, in_shape, stride, pads, dilation, groups, device="cpu",
 
 
 def verify_conv_bound(weight, in_shape, stride, pads, dilation, groups, upper) -> bool:
-    """Independent float64 check that ``upper`` >= ||conv||_2 (meant for certified, inflated values).
+    """The trusted check (``lipverify.verifier.conv``) that ``upper`` >= ||conv||_2."""
+    from lipverify.verifier.conv import conv_norm_at_most
 
-    Small convs: Cholesky of ``u^2 I - A_g^T A_g`` for every group's unrolled block A_g. Larger
-    ones: Cholesky of ``u^2 I - Khat(w)^H Khat(w)`` at every frequency of the circulant grid, with
-    Khat from a direct DFT sum (not the FFT) and no Gram iteration. ``u`` is ``upper`` deflated by
-    half the rounding margin of :func:`conv_norm`, which leaves room for the rounding of the
-    check itself; success proves the bound, failure means "not proven" (or too tight to tell).
-    """
     geo = conv_geometry(weight, in_shape, stride, pads, dilation, groups)
-    upper = float(upper)
-    if not math.isfinite(upper) or upper < 0:
-        return False
-    unrolled = geo.n_in * geo.n_out <= VERIFY_UNROLLED_MAX_ENTRIES
-    if unrolled:
-        u = upper / (1.0 + 0.5 * relative_margin(max(geo.n_in, geo.n_out)))
-        for block in _unrolled_blocks(weight, geo):
-            gram = block.T @ block if block.shape[1] <= block.shape[0] else block @ block.T
-            m = u * u * torch.eye(gram.shape[0], dtype=torch.float64) - gram
-            if int(torch.linalg.cholesky_ex(m).info) != 0:
-                return False
-        return True
-    poly = polyphase(weight, geo)
-    u = upper / (1.0 + 0.5 * relative_margin(_fft_dim(geo, poly)))
-    per_freq = poly.groups * (poly.rows * poly.cols * 16 * 2 + min(poly.rows, poly.cols) ** 2 * 16 * 3)
-    for sym in _symbols_direct(poly, _freq_chunks(poly, per_freq)):
-        sym = sym.reshape((-1,) + sym.shape[-2:])
-        gram = sym.mH @ sym if sym.shape[2] <= sym.shape[1] else sym @ sym.mH
-        eye = torch.eye(gram.shape[-1], dtype=torch.complex128)
-        if bool((torch.linalg.cholesky_ex(u * u * eye - gram).info != 0).any()):
-            return False
-    return True
+    w = weight.detach().to(torch.float64)
+    pads = tuple(geo.begin) + tuple(geo.end)
+    return conv_norm_at_most(w, tuple(in_shape), geo.stride, pads, geo.dilation, geo.groups, upper,
+                             apply=lambda x: conv_apply(x, w, geo.stride, pads, geo.dilation, geo.groups))

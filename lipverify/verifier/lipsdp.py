@@ -1,0 +1,125 @@
+"""Checker for ``lipsdp-neuron`` / ``lipsdp-layer`` certificates: witness = {"rho", "T", "mode"}.
+
+The dense chain (weights and slopes) is re-read from the graph here. With c = (a+b)/2 per hidden
+layer, the LMI A(rho, T) = -M(rho, T) >= 0 is block tridiagonal (blocks = layers):
+
+    A[0,0]   = rho I + 2 a_0 b_0 W_0^T T_0 W_0
+    A[k,k]   = 2 T_{k-1} + 2 a_k b_k W_k^T T_k W_k          (1 <= k <= l-1)
+    A[l,l]   = 2 T_{l-1} - W_l^T W_l
+    A[k,k+1] = -(a_k + b_k) W_k^T T_k                       (0 <= k <= l-1)
+
+and L^2 <= rho when A >= 0 with T >= 0 (Fazlyab et al. 2019; any slopes, a < 0 included).
+The check: a block Cholesky (forward block LDL^T) of A - delta diag(s) where s_i is a row scale
+with |A_ij| <= sqrt(s_i s_j) and delta = max(1e-9, 2 n^2 eps). Rounding in forming A is at most
+m eps sqrt(s_i s_j) entrywise and a completed Cholesky has backward error at most
+(n+1) eps sqrt(a_ii a_jj), so in the scaled matrix diag(s)^-1/2 (.) diag(s)^-1/2 every error is
+below n (n+1) eps < delta in norm: success proves A >= 0 exactly.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from lipverify.graph.ir import Graph
+from lipverify.ops.activation import Activation
+from lipverify.ops.dense import Dense, Shift
+from lipverify.ops.shape import Reshape
+from lipverify.verifier.numbers import EPS, at_least, claim, claim_vector, fail, sqrt_up, up
+
+MARGIN_REL = 1e-9
+
+
+def dense_chain(graph: Graph):
+    """(weights, slopes) if the graph is [Reshape] Dense (Shift) act (Shift) Dense ... Dense (Shift),
+    re-derived here from the graph; otherwise fail."""
+    if not graph.is_chain():
+        fail("lipsdp: the graph is not a chain")
+    weights, slopes, expect_dense = [], [], True
+    for n in graph.nodes:
+        op, in_shape = n.op, tuple(graph.in_shape(n))
+        same = tuple(n.out_shape) == in_shape
+        if isinstance(op, Shift) and same:
+            continue
+        if isinstance(op, Reshape) and not weights and math.prod(n.out_shape) == math.prod(in_shape):
+            continue
+        if isinstance(op, Dense) and expect_dense and len(in_shape) == 1:
+            weights.append(op.weight.detach().to(device="cpu", dtype=torch.float64))
+            expect_dense = False
+            continue
+        if isinstance(op, Activation) and not expect_dense and same:
+            slopes.append(tuple(float(s) for s in op.slopes))
+            expect_dense = True
+            continue
+        fail(f"lipsdp: {op.describe()} breaks the dense chain")
+    if len(weights) < 2 or expect_dense:
+        fail("lipsdp: the chain must be Dense (activation Dense)+")
+    for a, b in slopes:
+        if not (math.isfinite(a) and math.isfinite(b) and a < b):
+            fail(f"lipsdp: slope interval [{a}, {b}] must satisfy alpha < beta")
+    return weights, slopes
+
+
+def _blocks(ws, sl, T, rho):
+    l = len(ws) - 1
+    D, C = [], []
+    for k in range(l + 1):
+        blk = (rho * torch.eye(ws[0].shape[1], dtype=torch.float64)) if k == 0 else torch.diag(2.0 * T[k - 1])
+        if k < l:
+            a, b = sl[k]
+            if a * b != 0.0:
+                blk = blk + 2.0 * a * b * (ws[k].T * T[k]) @ ws[k]
+            C.append(-(a + b) * (ws[k].T * T[k]))
+        if k == l:
+            blk = blk - ws[l].T @ ws[l]
+        D.append(blk)
+    return D, C
+
+
+def _chol(a):
+    L, info = torch.linalg.cholesky_ex((a + a.T) / 2)
+    return None if int(info) != 0 else L
+
+
+def lmi_holds(ws, sl, T, rho) -> tuple[bool, str]:
+    """Block-Cholesky proof that A(rho, T) >= 0 (see the module docstring)."""
+    l = len(ws) - 1
+    ns = [ws[0].shape[1]] + [w.shape[0] for w in ws[:-1]]
+    D, C = _blocks(ws, sl, T, rho)
+    scl = []
+    for k in range(l + 1):
+        sk = torch.full((ns[k],), rho, dtype=torch.float64) if k == 0 else 2.0 * T[k - 1]
+        if k < l:
+            a, b = sl[k]
+            sk = sk + (abs(2 * a * b) + abs(a + b)) * ((ws[k] ** 2).T @ T[k])
+        if k == l:
+            sk = sk + (ws[l] ** 2).sum(0)
+        scl.append(sk)
+    n = sum(ns)
+    rel = max(MARGIN_REL, 2.0 * n * n * EPS)
+    X = None
+    for k in range(l + 1):
+        s = D[k] - torch.diag(rel * scl[k])
+        if X is not None:
+            s = s - X.T @ X
+        Lk = _chol(s)
+        if Lk is None:
+            return False, f"the Schur complement at block {k} is not positive definite"
+        if k < l:
+            X = torch.linalg.solve_triangular(Lk, C[k], upper=False)
+    return True, f"block-tridiagonal Cholesky of -M - {rel:.1e} diag(s) (s_i = row scale)"
+
+
+def verify_lipsdp(graph: Graph, value: float, witness: dict) -> str:
+    weights, slopes = dense_chain(graph)
+    rho = claim(witness.get("rho"), "lipsdp: rho", positive=True)
+    raw_T = witness.get("T")
+    if not isinstance(raw_T, list) or len(raw_T) != len(weights) - 1:
+        fail("lipsdp: the multipliers T do not match the network's hidden layers")
+    T = [claim_vector(t, f"lipsdp: T[{k}]", length=weights[k].shape[0]) for k, t in enumerate(raw_T)]
+    ok, detail = lmi_holds(weights, slopes, T, rho)
+    if not ok:
+        fail(f"lipsdp: the LMI does not hold for the stored (rho, T): {detail}")
+    at_least(value, sqrt_up(up(rho)), "lipsdp")
+    return f"LipSDP LMI re-checked at the stored (rho, T): {detail}"
