@@ -24,6 +24,7 @@ from typing import Callable
 from lipverify.errors import SoundnessError
 from lipverify.graph.ir import Graph
 from lipverify.verifier.lipsdp import verify_lipsdp
+from lipverify.verifier.lipsdp_graph import verify_lipsdp_graph
 from lipverify.verifier.product import verify_product
 from lipverify.verifier.scaled import verify_layerwise, verify_rslmi
 
@@ -34,6 +35,7 @@ CHECKERS: dict[str, Callable[[Graph, float, dict], str]] = {
     "lipsdp-layer": verify_lipsdp,
     "rslmi": verify_rslmi,
     "layerwise": verify_layerwise,
+    "lipsdp-graph": verify_lipsdp_graph,
 }
 
 
