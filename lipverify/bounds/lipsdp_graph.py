@@ -39,6 +39,7 @@ from lipverify.verifier.sdp_graph import (dense_pair_form, dense_segment, dense_
                                           segment_nodes)
 
 FREQ_MAX_DIM = 512  # per-frequency matrix size above which a stage is not put in one LMI
+UNROLL_MAX_DIM = 1024  # stages this small are unrolled: exact LipSDP, per-neuron multipliers
 DENSE_MAX_DIM = 3000  # dense LMI size (coordinates) cap
 SOLVER_CHUNK = 2_000_000  # complex entries of U per cached chunk
 
@@ -399,7 +400,7 @@ class LipSDPGraph(BoundMethod):
         opts = ctx.options
         plans = plan_segments(graph, int(opts.get("lipsdp_graph_freq_max", FREQ_MAX_DIM)),
                               int(opts.get("lipsdp_graph_dense_max", DENSE_MAX_DIM)),
-                              int(opts.get("lipsdp_graph_unroll_max", 0)),
+                              int(opts.get("lipsdp_graph_unroll_max", UNROLL_MAX_DIM)),
                               bool(opts.get("lipsdp_graph_head_activation", True)))
         if isinstance(plans, str):
             raise SoundnessError(f"lipsdp-graph cannot bound this graph: {plans}")

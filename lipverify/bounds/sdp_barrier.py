@@ -407,37 +407,62 @@ def _max_step(L: torch.Tensor, D: torch.Tensor) -> float:
 
 
 class _PDState:
-    """Per chunk: S's Cholesky factor, S^-1, Z and the column products."""
+    """Per chunk: S = A(x), its Cholesky factor and inverse, Z, and P_X = U^H X U for X = Z, S^-1.
 
-    def __init__(self, fam, U, x, Z):
-        self.fam, self.U = fam, U
+    Many columns of U are unit vectors (a state's own coordinate, an entry coordinate): for those,
+    U^H X U only gathers entries of X and of X U_rest, so P_X costs m^2 r + m r^2 with r the
+    number of other columns instead of m^2 R + m R^2."""
+
+    def __init__(self, fam, U, x, Z, layout):
+        self.fam, self.U, self.layout = fam, U, layout
         gs, gp = fam.coeffs(x)
-        S = _assemble(U, gs, gp, fam.partner)
-        self.L, info = torch.linalg.cholesky_ex(S)
+        self.S = _assemble(U, gs, gp, fam.partner)
+        self.L, info = torch.linalg.cholesky_ex(self.S)
         if bool((info != 0).any()):
             raise RuntimeError("primal iterate left the feasible set")
         self.Si = torch.cholesky_inverse(self.L)
         self.Z = Z
-        live = fam.var >= 0
-        self.live = live
-        self.vidx = fam.var[live]
-        V = U * fam.g_self.to(U.dtype) + U[..., fam.partner] * fam.g_pair.to(U.dtype)
-        self.Ul, self.Vl = U[..., live], V[..., live]
+        self.vidx = fam.var[fam.var >= 0]
 
-    def traces(self, X) -> torch.Tensor:
-        """(R',) sum over the batch of Re U_a^H X V_a."""
-        return ((self.Ul.conj() * (X @ self.Vl)).sum(-2)).real.sum(0)
+    def gram(self, X) -> torch.Tensor:
+        """P = U^H X U restricted to the live columns (those of a variable)."""
+        lay = self.layout
+        Ur = self.U[..., lay.rest]
+        XUr = X @ Ur
+        R = len(lay.order)
+        P = torch.empty(X.shape[0], R, R, dtype=X.dtype)
+        nr = len(lay.rest)
+        P[:, :nr, :nr] = Ur.mH @ XUr
+        P[:, nr:, :nr] = XUr[:, lay.unit_coord, :] * lay.unit_val.conj()[None, :, None]
+        P[:, :nr, nr:] = P[:, nr:, :nr].mH
+        P[:, nr:, nr:] = X[:, lay.unit_coord][:, :, lay.unit_coord] * (
+            lay.unit_val.conj()[:, None] * lay.unit_val[None, :])[None]
+        return P[:, lay.inv][:, :, lay.inv]  # back to the live-column order
 
-    def schur(self, n) -> torch.Tensor:
-        Q1 = self.Ul.mH @ (self.Z @ self.Vl)
-        Q2 = self.Ul.mH @ (self.Si @ self.Vl)
+    def times_gamma(self, P) -> torch.Tensor:
+        """P Gu (Gu: unit coefficients of Gamma on the live columns)."""
+        lay = self.layout
+        return P * lay.gs.to(P.dtype) + P[..., lay.partner] * lay.gp.to(P.dtype)
+
+    def schur_and_traces(self, n):
+        """(M, sum tr(F_i S^-1), sum tr(F_i Z)) per variable."""
+        Q1 = self.times_gamma(self.gram(self.Z))
+        Q2 = self.times_gamma(self.gram(self.Si))
         hc = (Q1.real * Q2.real.transpose(-2, -1) - Q1.imag * Q2.imag.transpose(-2, -1)).sum(0) \
             if Q1.is_complex() else (Q1 * Q2.transpose(-2, -1)).sum(0)
         h = torch.zeros(n, hc.shape[1], dtype=torch.float64)
         h.index_add_(0, self.vidx, hc)
         M = torch.zeros(n, n, dtype=torch.float64)
         M.index_add_(1, self.vidx, h)
-        return M
+        diag = lambda Q: self.scatter(torch.diagonal(Q, dim1=-2, dim2=-1).real.sum(0), n)  # noqa: E731
+        return M, diag(Q2), diag(Q1)
+
+    def traces(self, X, n) -> torch.Tensor:
+        """sum over the batch of Re U_a^H X V_a, per variable (X need not be Hermitian)."""
+        fam = self.fam
+        live = fam.var >= 0
+        V = (self.U * fam.g_self.to(self.U.dtype) + self.U[..., fam.partner] * fam.g_pair.to(self.U.dtype))[..., live]
+        return self.scatter((self.U[..., live].conj() * (X @ V)).sum(-2).real.sum(0), n)
 
     def scatter(self, cols: torch.Tensor, n: int) -> torch.Tensor:
         out = torch.zeros(n, dtype=torch.float64)
@@ -456,6 +481,51 @@ class _PDState:
         return out
 
 
+@dataclass
+class _Layout:
+    """Live columns split into general ones (``rest``) and scaled unit vectors (``unit_coord``)."""
+
+    rest: torch.Tensor
+    unit_coord: torch.Tensor
+    unit_val: torch.Tensor
+    order: torch.Tensor  # live column indices: rest first, then units
+    inv: torch.Tensor  # position in ``order`` of each live column (in live order)
+    gs: torch.Tensor
+    gp: torch.Tensor
+    partner: torch.Tensor
+
+
+def _layout(fam: Family) -> _Layout:
+    live = torch.nonzero(fam.var >= 0).flatten()
+    allU = torch.cat(fam.chunks)  # (F_total, m, R)
+    nz = (allU.abs() > 0)
+    rest, units, coord, val = [], [], [], []
+    for a in live.tolist():
+        rows = torch.nonzero(nz[:, :, a].any(0)).flatten()
+        if len(rows) == 1:
+            k = int(rows[0])
+            col = allU[:, k, a]
+            if bool((col == col[0]).all()):
+                units.append(a)
+                coord.append(k)
+                val.append(col[0])
+                continue
+        rest.append(a)
+    order = torch.tensor(rest + units, dtype=torch.long)
+    pos = {a: i for i, a in enumerate(live.tolist())}
+    inv = torch.empty(len(order), dtype=torch.long)
+    for i, a in enumerate(order.tolist()):
+        inv[pos[a]] = i
+    # partner / coefficients in live-column numbering (a constant partner cannot occur: groups share a variable)
+    live_pos = torch.full((fam.var.shape[0],), -1, dtype=torch.long)
+    live_pos[live] = torch.arange(len(live))
+    partner = live_pos[fam.partner[live]]
+    dtype = allU.dtype
+    unit_val = torch.stack(val).to(dtype) if val else torch.zeros(0, dtype=dtype)
+    return _Layout(torch.tensor(rest, dtype=torch.long), torch.tensor(coord, dtype=torch.long), unit_val,
+                   order, inv, fam.g_self[live], fam.g_pair[live], partner)
+
+
 def solve_pd(families: list[Family], n_vars: int, objective: int, x0: torch.Tensor, *, tol: float = 1e-8,
              max_iters: int = PD_MAX_ITERS, track=None) -> SolveResult:
     """Minimize x[objective] over the LMIs and x >= 0 from a strictly feasible x0."""
@@ -464,20 +534,26 @@ def solve_pd(families: list[Family], n_vars: int, objective: int, x0: torch.Tens
     c = torch.zeros(n, dtype=torch.float64)
     c[objective] = 1.0
     row_scaling(families, x)
+    layouts = {id(fam): _layout(fam) for fam in families}
     chunks = [(fam, U) for fam in families for U in fam.chunks]
     nu = sum(U.shape[0] * U.shape[1] for _, U in chunks) + n
     mu = max(float(x[objective]), 1e-300) / nu
     states = []
     for fam, U in chunks:
-        st = _PDState(fam, U, x, None)
+        st = _PDState(fam, U, x, None, layouts[id(fam)])
         st.Z = mu * st.Si
         states.append(st)
     z = mu / x
     history, info = [], {"iterations": 0}
     for it in range(max_iters):
-        gap = sum(float(torch.diagonal(st.Z @ _assemble(st.U, *st.fam.coeffs(x), st.fam.partner), dim1=-2,
-                                       dim2=-1).real.sum()) for st in states) + float(z @ x)
-        resid = c - z - sum(st.scatter(st.traces(st.Z), n) for st in states)
+        M = torch.diag(z / x)
+        g_si = 1.0 / x
+        tr_z = z.clone()
+        for st in states:
+            m_, g_, t_ = st.schur_and_traces(n)
+            M, g_si, tr_z = M + m_, g_si + g_, tr_z + t_
+        gap = sum(float((st.Z * st.S.conj()).real.sum()) for st in states) + float(z @ x)
+        resid = c - tr_z
         info["iterations"] = it
         if track is not None:
             track(it, float(x[objective]), gap, float(resid.abs().max()))
@@ -485,19 +561,20 @@ def solve_pd(families: list[Family], n_vars: int, objective: int, x0: torch.Tens
         if gap < tol * max(float(x[objective]), 1e-300) and float(resid.abs().max()) < tol * max(1.0, float(c.abs().max())):
             break
         mu = gap / nu
-        M = sum(st.schur(n) for st in states) + torch.diag(z / x)
         sc = torch.sqrt(torch.clamp(torch.diagonal(M), min=1e-300))
         Lm, inf_ = torch.linalg.cholesky_ex(M / sc[:, None] / sc[None, :])
         if int(inf_) != 0:
             Lm = torch.linalg.cholesky(M / sc[:, None] / sc[None, :] + 1e-12 * torch.eye(n, dtype=torch.float64))
         solve_m = lambda r: torch.cholesky_solve((r / sc)[:, None], Lm)[:, 0] / sc  # noqa: E731
-        g_si = sum(st.scatter(st.traces(st.Si), n) for st in states) + 1.0 / x
+        g_si = g_si - 1.0 / x  # matrix part; the 1/x of x >= 0 is added back below
+        g_all = g_si + 1.0 / x
+        z_chol = [torch.linalg.cholesky(st.Z) for st in states]
 
         def direction(target, corr=None, corr_lp=None):
             """Newton direction for S Z = target I; ``corr``: the second-order terms dZa dSa S^-1."""
-            rhs = target * g_si - c
+            rhs = target * g_all - c
             if corr is not None:
-                rhs = rhs - sum(st.scatter(st.traces(k), n) for st, k in zip(states, corr)) - corr_lp / x
+                rhs = rhs - sum(st.traces(k, n) for st, k in zip(states, corr)) - corr_lp / x
             dx = solve_m(rhs)
             dSs = [st.dS(dx) for st in states]
             dZs = [st.dZ(dS, target, None if corr is None else k)
@@ -513,19 +590,16 @@ def solve_pd(families: list[Family], n_vars: int, objective: int, x0: torch.Tens
             negz = dz < 0
             if bool(negz.any()):
                 ad = float((-z[negz] / dz[negz]).min())
-            for st, dS, dZ in zip(states, dSs, dZs):
+            for st, dS, dZ, LZ in zip(states, dSs, dZs, z_chol):
                 ap = min(ap, _max_step(st.L, dS))
-                LZ = torch.linalg.cholesky(st.Z)
                 ad = min(ad, _max_step(LZ, dZ))
             return min(1.0, PD_STEP * ap), min(1.0, PD_STEP * ad)
 
         # predictor
         dx_a, dS_aff, dZ_aff, dz_a = direction(0.0)
         ap, ad = steps(dx_a, dS_aff, dZ_aff, dz_a)
-        mu_aff = 0.0
-        for st, dS, dZ in zip(states, dS_aff, dZ_aff):
-            S = _assemble(st.U, *st.fam.coeffs(x), st.fam.partner)
-            mu_aff += float(torch.diagonal((S + ap * dS) @ (st.Z + ad * dZ), dim1=-2, dim2=-1).real.sum())
+        mu_aff = sum(float(((st.Z + ad * dZ) * (st.S + ap * dS).conj()).real.sum())
+                     for st, dS, dZ in zip(states, dS_aff, dZ_aff))
         mu_aff += float(((x + ap * dx_a) * (z + ad * dz_a)).sum())
         sigma = min(1.0, (mu_aff / max(gap, 1e-300)) ** 3)
         # corrector
@@ -534,11 +608,7 @@ def solve_pd(families: list[Family], n_vars: int, objective: int, x0: torch.Tens
         ap, ad = steps(dx, dSs, dZs, dz)
         x = x + ap * dx
         z = z + ad * dz
-        new_states = []
-        for st, dZ in zip(states, dZs):
-            Zn = st.Z + ad * dZ
-            ns = _PDState(st.fam, st.U, x, (Zn + Zn.mH) / 2)
-            new_states.append(ns)
-        states = new_states
+        states = [_PDState(st.fam, st.U, x, ((st.Z + ad * dZ) + (st.Z + ad * dZ).mH) / 2, st.layout)
+                  for st, dZ in zip(states, dZs)]
     info["history_len"] = len(history)
     return SolveResult(x=x, history=history, info=info)

@@ -231,6 +231,10 @@ def freq_segment(graph: Graph, entry: str, exit_: str) -> FreqSegment:
         seg.exit_paths = expr[exit_]
     else:
         red = graph.node(exit_)
+        if red.inputs[0] not in seg.states:
+            # the lifted tensor must vanish off the real positions, which holds for states only
+            # (a lifted convolution output does not), or the mean would count padded positions
+            fail(f"frequency segment: the global mean {exit_} must read an activation output or the entry")
         seg.exit_paths = expr[red.inputs[0]]
         seg.phase[exit_] = seg.phase[red.inputs[0]]
         seg.extent[exit_] = seg.extent[red.inputs[0]]
@@ -254,7 +258,10 @@ def _path_kernel(seg: FreqSegment, path: Path, target: str) -> tuple[torch.Tenso
         k = torch.diag(path.pre.repeat_interleave(pin)).reshape((len(path.pre) * pin,) * 2 + (1,) * nd)
         return path.sign * k, (0,) * nd
     op = path.conv.op
-    k, lo = coarse_kernel(op.weight, op.groups, op.stride, op.pads, op.dilation, p_in, p_out)
+    try:
+        k, lo = coarse_kernel(op.weight, op.groups, op.stride, op.pads, op.dilation, p_in, p_out)
+    except ValueError as exc:
+        fail(f"convolution {path.conv.name}: {exc}")
     view = (1, -1) + (1,) * nd
     k = k * path.pre.repeat_interleave(pin).reshape(view)
     if path.post is not None:
