@@ -389,6 +389,9 @@ def solve(families: list[Family], n_vars: int, objective: int, x0: torch.Tensor 
 
 PD_MAX_ITERS = 120
 PD_STEP = 0.95
+CENTRE_STEPS = 40  # Newton steps of the initial centring
+RESID_TOL = 1e-9  # dual residual, relative to the size of the dual terms
+STALL_ITERS = 8  # stop when the objective has not moved (relative 1e-12) for this many iterations
 
 
 def _linear_part(fam: Family, dx: torch.Tensor):
@@ -526,6 +529,35 @@ def _layout(fam: Family) -> _Layout:
                    order, inv, fam.g_self[live], fam.g_pair[live], partner)
 
 
+def _update(states, x, z, dx, dz, dZs, ap, ad, tries: int = 40):
+    """Take the steps, shrinking the primal (dual) one while S (Z) fails to factor in floating point."""
+    for _ in range(tries):
+        xn, zn = x + ap * dx, z + ad * dz
+        if bool((xn <= 0).any()):
+            ap *= 0.8
+            continue
+        if bool((zn <= 0).any()):
+            ad *= 0.8
+            continue
+        try:
+            new = [_PDState(st.fam, st.U, xn, None, st.layout) for st in states]
+        except RuntimeError:
+            ap *= 0.8
+            continue
+        ok = True
+        for ns, st, dZ in zip(new, states, dZs):
+            Zn = st.Z + ad * dZ
+            ns.Z = (Zn + Zn.mH) / 2
+            if bool((torch.linalg.cholesky_ex(ns.Z)[1] != 0).any()):
+                ok = False
+                break
+        if not ok:
+            ad *= 0.8
+            continue
+        return new, xn, zn
+    return None
+
+
 def solve_pd(families: list[Family], n_vars: int, objective: int, x0: torch.Tensor, *, tol: float = 1e-8,
              max_iters: int = PD_MAX_ITERS, track=None) -> SolveResult:
     """Minimize x[objective] over the LMIs and x >= 0 from a strictly feasible x0."""
@@ -537,14 +569,20 @@ def solve_pd(families: list[Family], n_vars: int, objective: int, x0: torch.Tens
     layouts = {id(fam): _layout(fam) for fam in families}
     chunks = [(fam, U) for fam in families for U in fam.chunks]
     nu = sum(U.shape[0] * U.shape[1] for _, U in chunks) + n
-    mu = max(float(x[objective]), 1e-300) / nu
+    # centre first (barrier with the objective eliminated): at a central point x(tau),
+    # Z = S^-1 / tau and z = 1 / (tau x) satisfy the dual equations exactly
+    tau = nu / max(float(x[objective]), 1e-300)
+    elim = [_objective_entries(fam, objective) for fam in families]
+    x, centring = _newton_reduced(families, elim, x, n, objective, tau, CENTRE_STEPS)
+    mu = 1.0 / tau
     states = []
     for fam, U in chunks:
         st = _PDState(fam, U, x, None, layouts[id(fam)])
         st.Z = mu * st.Si
         states.append(st)
     z = mu / x
-    history, info = [], {"iterations": 0}
+    history, info = [], {"iterations": 0, "centring_steps": centring}
+    recent: list[float] = []
     for it in range(max_iters):
         M = torch.diag(z / x)
         g_si = 1.0 / x
@@ -558,7 +596,13 @@ def solve_pd(families: list[Family], n_vars: int, objective: int, x0: torch.Tens
         if track is not None:
             track(it, float(x[objective]), gap, float(resid.abs().max()))
         history.append(x.clone())
-        if gap < tol * max(float(x[objective]), 1e-300) and float(resid.abs().max()) < tol * max(1.0, float(c.abs().max())):
+        scale = 1.0 + float(tr_z.abs().max())
+        if gap < tol * max(float(x[objective]), 1e-300) and float(resid.abs().max()) < RESID_TOL * scale:
+            break
+        recent.append(float(x[objective]))
+        if len(recent) > STALL_ITERS and abs(recent[-1 - STALL_ITERS] - recent[-1]) <= 1e-12 * abs(recent[-1]) \
+                and gap < 1e-5 * max(float(x[objective]), 1e-300):
+            info["stopped"] = "stalled at the optimum"
             break
         mu = gap / nu
         sc = torch.sqrt(torch.clamp(torch.diagonal(M), min=1e-300))
@@ -568,7 +612,7 @@ def solve_pd(families: list[Family], n_vars: int, objective: int, x0: torch.Tens
         solve_m = lambda r: torch.cholesky_solve((r / sc)[:, None], Lm)[:, 0] / sc  # noqa: E731
         g_si = g_si - 1.0 / x  # matrix part; the 1/x of x >= 0 is added back below
         g_all = g_si + 1.0 / x
-        z_chol = [torch.linalg.cholesky(st.Z) for st in states]
+        z_chol = [torch.linalg.cholesky(st.Z) for st in states]  # Z > 0 is kept by _update
 
         def direction(target, corr=None, corr_lp=None):
             """Newton direction for S Z = target I; ``corr``: the second-order terms dZa dSa S^-1."""
@@ -606,9 +650,10 @@ def solve_pd(families: list[Family], n_vars: int, objective: int, x0: torch.Tens
         corr = [dZ @ dS @ st.Si for st, dZ, dS in zip(states, dZ_aff, dS_aff)]
         dx, dSs, dZs, dz = direction(sigma * mu, corr, dz_a * dx_a)
         ap, ad = steps(dx, dSs, dZs, dz)
-        x = x + ap * dx
-        z = z + ad * dz
-        states = [_PDState(st.fam, st.U, x, ((st.Z + ad * dZ) + (st.Z + ad * dZ).mH) / 2, st.layout)
-                  for st, dZ in zip(states, dZs)]
+        moved = _update(states, x, z, dx, dz, dZs, ap, ad)
+        if moved is None:
+            info["stopped"] = "no step keeps both iterates positive definite"
+            break
+        states, x, z = moved
     info["history_len"] = len(history)
     return SolveResult(x=x, history=history, info=info)

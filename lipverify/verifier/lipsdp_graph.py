@@ -5,14 +5,18 @@ Witness::
     {"rho": r, "weights": {tensor: [w per channel], ...},      # every segment boundary
      "segments": [{"kind": "freq", "entry": .., "exit": .., "grid": [N, ..], "t": {act: [per channel]}},
                   {"kind": "dense", "entry": .., "exit": .., "t": {act: [..]}, "granularity": {act: ..}},
-                  {"kind": "tied", "entry": .., "exit": .., "factor": f}, ...]}
+                  {"kind": "tied", "entry": .., "exit": .., "factor": f},
+                  {"kind": "layerwise", "entry": .., "exit": ..}, ...],
+     "layerwise": {a layerwise witness: scalings of every tensor, per-node factors}}   # if used
 
 What is proved: the segments chain the network input to its output and cover every node once;
 rho >= every input weight and every output weight >= 1; each segment j gives
 sum_c w_out[c] |dy_c|^2 <= sum_c w_in[c] |dx_c|^2: a *tied* segment (one per-channel op of certified
 factor f, re-checked by ``factor_holds``) when f^2 w_out <= w_in, an LMI segment when every matrix
 of its pair form (each grid frequency for ``freq``) passes ``proves_psd`` with the assembly's
-rounding bound. Chaining: |f(x) - f(y)|^2 <= ... <= rho |x - y|^2, so L <= sqrt(rho).
+rounding bound, a *layerwise* segment when its nodes' scaled factors (re-checked by the layerwise
+rules) propagate to c with ||S_out dy|| <= c ||S_in dx|| and max(w_out / s_out^2) c^2 <= min(w_in / s_in^2)
+(S per channel at both ends). Chaining: |f(x) - f(y)|^2 <= ... <= rho |x - y|^2, so L <= sqrt(rho).
 """
 
 from __future__ import annotations
@@ -26,9 +30,11 @@ from lipverify.ops.activation import Activation
 from lipverify.ops.dense import Scale, Shift
 from lipverify.ops.pool import AvgPool, MaxPool, Reduce
 from lipverify.ops.shape import Pad
-from lipverify.verifier.factors import factor_holds, label
+from lipverify.ops.merge import Add, Sub
+from lipverify.verifier.factors import factor_holds, label, merge_bound
 from lipverify.verifier.linalg import proves_psd
-from lipverify.verifier.numbers import at_least, claim, claim_vector, fail, mul_up, sqrt_up
+from lipverify.verifier.numbers import EPS, at_least, claim, claim_vector, fail, mul_up, sqrt_up, up
+from lipverify.verifier.scaled import _check_node, _coarse, _max_ratio, _per_channel, _rebuild_scalings
 from lipverify.verifier.sdp_graph import (PairForm, assemble, assembly_error, dense_pair_form, dense_segment,
                                           freq_columns, freq_pair_form, freq_segment, group_arrays, group_values,
                                           half_grid, segment_nodes)
@@ -130,7 +136,66 @@ def _check_tied(graph: Graph, entry: dict, w_in, w_out) -> str:
     return f"factor {f:.6g}"
 
 
-CHECKS = {"freq": _check_freq, "dense": _check_dense, "tied": _check_tied}
+def _check_layerwise(graph: Graph, entry: dict, w_in, w_out, scalings, factors) -> str:
+    if scalings is None:
+        fail("lipsdp-graph: a layerwise segment needs the layerwise witness")
+    nodes = segment_nodes(graph, entry["entry"], entry["exit"])
+    bound = {entry["entry"]: 1.0}
+    for node in nodes:
+        s_t = scalings[node.name]
+        if node.is_merge:
+            terms = []
+            for i in node.inputs:
+                same = isinstance(node.op, (Add, Sub)) and scalings[i].shape == s_t.shape
+                r = _max_ratio(s_t, scalings[i]) if same else _coarse(s_t, scalings[i])
+                terms.append(mul_up(r, bound[i]))
+            bound[node.name] = merge_bound(node, terms)
+            continue
+        if node.name not in factors:
+            fail(f"lipsdp-graph: no layerwise factor for {label(node)}")
+        f = claim(factors[node.name], f"lipsdp-graph: layerwise factor of {label(node)}")
+        _check_node(graph, node, scalings[node.inputs[0]], s_t, f)
+        bound[node.name] = mul_up(f, bound[node.inputs[0]])
+    c2 = mul_up(bound[entry["exit"]], bound[entry["exit"]])
+    s_in, s_out = _per_channel(scalings[entry["entry"]]), _per_channel(scalings[entry["exit"]])
+    if s_in is None or s_out is None:
+        fail(f"lipsdp-graph: the layerwise scalings at {entry['entry']} / {entry['exit']} are not per channel")
+    kappa = max(up(float(w) / (float(s) * float(s) * (1 - 4 * EPS))) for w, s in zip(w_out.tolist(), s_out.tolist()))
+    need = mul_up(kappa, c2)
+    for c, (w, s) in enumerate(zip(w_in.tolist(), s_in.tolist())):
+        if not need <= w / up(s * s) * (1 - 4 * EPS):
+            fail(f"lipsdp-graph: the weights across the layerwise segment {entry['entry']} -> {entry['exit']} "
+                 f"do not cover its factor (channel {c})")
+    return f"layerwise factor {math.sqrt(c2):.6g}"
+
+
+CHECKS = {"freq": _check_freq, "dense": _check_dense, "tied": _check_tied, "layerwise": _check_layerwise}
+
+
+def check_segments(graph: Graph, segments: list, weights: dict, layerwise: dict | None = None) -> list[str]:
+    """Check each segment's claim  sum w_out |dy|^2 <= sum w_in |dx|^2  at the claimed weights."""
+    w = {}
+    for entry in segments:
+        if not isinstance(entry, dict) or entry.get("kind") not in CHECKS:
+            fail("lipsdp-graph: malformed segment")
+        for b in (entry.get("entry"), entry.get("exit")):
+            if not isinstance(b, str) or b not in weights:
+                fail(f"lipsdp-graph: no weights for the boundary {b!r}")
+            if b not in w:
+                w[b] = claim_vector(weights[b], f"lipsdp-graph: weights of {b}", length=graph.shape_of(b)[0])
+    scalings = factors = None
+    if any(e["kind"] == "layerwise" for e in segments):
+        if not isinstance(layerwise, dict) or not isinstance(layerwise.get("factors"), dict):
+            fail("lipsdp-graph: layerwise segments without a layerwise witness")
+        scalings, factors = _rebuild_scalings(graph, layerwise), layerwise["factors"]
+    details = []
+    for entry in segments:
+        args = (graph, entry, w[entry["entry"]], w[entry["exit"]])
+        if entry["kind"] == "layerwise":
+            details.append(_check_layerwise(*args, scalings, factors))
+        else:
+            details.append(CHECKS[entry["kind"]](*args))
+    return details
 
 
 def verify_lipsdp_graph(graph: Graph, value: float, witness: dict) -> str:
@@ -151,18 +216,16 @@ def verify_lipsdp_graph(graph: Graph, value: float, witness: dict) -> str:
         expect = entry["exit"]
     if expect != graph.output or covered != {n.name for n in graph.nodes}:
         fail("lipsdp-graph: the segments do not cover the graph from input to output")
-    boundary = [graph.input_name] + [e["exit"] for e in segments]
-    w = {}
-    for b in boundary:
-        if b not in weights:
-            fail(f"lipsdp-graph: no weights for the boundary {b}")
-        w[b] = claim_vector(weights[b], f"lipsdp-graph: weights of {b}", length=graph.shape_of(b)[0])
-    if not bool((w[graph.input_name] <= rho).all()):
+    for end in (graph.input_name, graph.output):
+        if end not in weights:
+            fail(f"lipsdp-graph: no weights for {end}")
+    w_in = claim_vector(weights[graph.input_name], "lipsdp-graph: input weights",
+                        length=graph.shape_of(graph.input_name)[0])
+    w_out = claim_vector(weights[graph.output], "lipsdp-graph: output weights", length=graph.shape_of(graph.output)[0])
+    if not bool((w_in <= rho).all()):
         fail("lipsdp-graph: an input weight exceeds rho")
-    if not bool((w[graph.output] >= 1.0).all()):
+    if not bool((w_out >= 1.0).all()):
         fail("lipsdp-graph: an output weight is below 1")
-    details = []
-    for entry in segments:
-        details.append(CHECKS[entry["kind"]](graph, entry, w[entry["entry"]], w[entry["exit"]]))
+    details = check_segments(graph, segments, weights, witness.get("layerwise"))
     at_least(value, sqrt_up(rho), "lipsdp-graph")
-    return f"{len(segments)} segment LMIs re-checked by Cholesky with rounding bounds ({'; '.join(details)})"
+    return f"{len(segments)} segments re-checked (Cholesky with rounding bounds; {'; '.join(details)})"

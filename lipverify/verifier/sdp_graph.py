@@ -162,7 +162,7 @@ class FreqSegment:
         return self.graph.shape_of(name)[0] * math.prod(self.phase[name])
 
 
-def freq_segment(graph: Graph, entry: str, exit_: str) -> FreqSegment:
+def freq_segment(graph: Graph, entry: str, exit_: str, mean_exit: bool = True) -> FreqSegment:
     nodes = segment_nodes(graph, entry, exit_)
     seg = FreqSegment(graph, entry, exit_, nodes)
     shape0 = tuple(graph.shape_of(entry))
@@ -175,7 +175,7 @@ def freq_segment(graph: Graph, entry: str, exit_: str) -> FreqSegment:
     for n in nodes:
         op, out = n.op, tuple(n.out_shape)
         ins = [tuple(graph.shape_of(i)) for i in n.inputs]
-        if isinstance(op, Reduce) and n.name == exit_:
+        if isinstance(op, Reduce) and n.name == exit_ and mean_exit:
             if set(op.axes) != set(range(1, nd + 1)) or not op.mean or out[0] != ins[0][0]:
                 fail(f"frequency segment: {n.name} is not a global mean over space")
             seg.exit_mean = math.prod(ins[0][1:])
