@@ -280,3 +280,43 @@ def test_dense_residual_fixture():
     # the block LMI's optimum (reproduced by cvxpy + Clarabel: 89.3864) is below the scaled product
     assert r.value == pytest.approx(89.3864, rel=1e-4)
     assert r.value < METHODS["layerwise"].run(g, BoundContext(options={"layerwise_steps": 50})).value
+
+
+# ----------------------------------------------------------------------------------------------
+# skipping LMIs that cannot beat layerwise (a choice between certified candidates)
+
+
+def _with_layerwise_tail(gen, front):
+    """``front`` on a (1, 4, 4) input, then flatten and a dense head planned as layerwise (dense cap 10)."""
+    flat = math.prod(_graph((1, 4, 4), front).output_shape)
+    return _graph((1, 4, 4), front + [(Reshape((flat,)), None),
+                                      (Dense(torch.randn((16, flat), generator=gen, dtype=torch.float64) * 0.3), None),
+                                      (ReLU(), None),
+                                      (Dense(torch.randn((2, 16), generator=gen, dtype=torch.float64) * 0.3), None)])
+
+
+def test_one_hidden_layer_lmi_is_not_skipped():
+    # relu(x) + relu(-x) = |x| per position: LipSDP gives 1, the scaled product 2
+    w1 = torch.tensor([1.0, -1.0], dtype=torch.float64).reshape(2, 1, 1, 1)
+    w2 = torch.tensor([1.0, 1.0], dtype=torch.float64).reshape(1, 2, 1, 1)
+    conv = lambda w: Conv(w, None, (1, 1), (0, 0, 0, 0), (1, 1), 1)  # noqa: E731
+    g = _with_layerwise_tail(torch.Generator().manual_seed(0), [(conv(w1), None), (ReLU(), None), (conv(w2), None)])
+    opts = {"lipsdp_graph_dense_max": 10}
+    r = _run(g, opts)
+    assert r.witness["segments"][0]["kind"] != "layerwise"
+    assert r.value < 0.6 * METHODS["layerwise"].run(g, BoundContext()).value
+
+
+def test_skipped_single_activation_stage_is_no_worse(monkeypatch):
+    import lipverify.bounds.lipsdp_graph as mod
+
+    gen = torch.Generator().manual_seed(4)
+    g = _with_layerwise_tail(gen, [(_conv(gen, 1, 2), None), (ReLU(), None)])
+    opts = {"lipsdp_graph_dense_max": 10, "lipsdp_graph_unroll_max": 0}
+    skipped = _run(g, opts)
+    assert skipped.witness["segments"][0] == {"kind": "layerwise", "entry": "x", "exit": "t1"}
+    monkeypatch.setattr(mod, "_cannot_beat_scaled_norm", lambda block: False)
+    solved = _run(g, opts)
+    assert any(n.startswith("lipsdp-graph: x -> t1") for n in solved.notes)  # the LMI was solved
+    assert not any(n.startswith("lipsdp-graph: x -> t1") for n in skipped.notes)
+    assert skipped.value <= solved.value * (1 + 1e-6)

@@ -27,7 +27,10 @@ from lipverify.bounds.sdp_run import OPT_MAX_FREQS, solve_run
 from lipverify.errors import SoundnessError
 from lipverify.graph.ir import Graph
 from lipverify.norms.margin import inflate
+from lipverify.ops.activation import Activation
 from lipverify.ops.conv import Conv
+from lipverify.ops.dense import Scale, Shift
+from lipverify.ops.shape import Reshape
 from lipverify.verifier.lipsdp_graph import check_segments
 from lipverify.verifier.scaled import _per_channel, _rebuild_scalings
 
@@ -111,7 +114,8 @@ class LipSDPGraph(BoundMethod):
             entry, exit_ = block[0].entry, block[-1].exit
             ones_in = [1.0] * graph.shape_of(entry)[0]
             shape_in = lw.shape(entry) if lw is not None and entry != graph.input_name else ones_in
-            use_lw = block[0].kind == "layerwise" or not any(p.is_lmi for p in block)
+            use_lw = block[0].kind == "layerwise" or not any(p.is_lmi for p in block) or \
+                (lw is not None and _cannot_beat_scaled_norm(block))
             ones_out = [1.0] * graph.shape_of(exit_)[0]
             kappa_out = _kappa(weights[exit_], lw.shape(exit_) if lw is not None and exit_ != graph.output else ones_out)
             if not use_lw:
@@ -152,6 +156,26 @@ class LipSDPGraph(BoundMethod):
         return BoundResult(method=self.name, value=value, layers=rows,
                            check=f"segment LMIs ({kinds}) re-checked by Cholesky with rounding bounds",
                            witness=witness, seconds=time.perf_counter() - start, notes=notes)
+
+
+def _cannot_beat_scaled_norm(block: list[SegmentPlan]) -> bool:
+    """True when the run's LMI cannot beat layerwise, so its solve is skipped (a choice between two
+    certified candidates, never a soundness question): one LMI segment whose nodes are at most one
+    mixing linear map (conv, dense, merge, pooling) followed by at most one activation, with only
+    per-channel ops (scale, shift, reshape) around them. The LMI then holds for every activation of
+    slopes in [a, b], the linear b * v included, so it is at least b ||W_out^1/2 K W_in^-1/2||: the
+    scaled norm layerwise certifies (run end weights are shaped like layerwise's scalings). Not so
+    for linear -> activation -> linear: a one-hidden-layer LMI can beat the scaled product strictly
+    (relu(x) + relu(-x): 1 against 2)."""
+    lmis = [p for p in block if p.is_lmi]
+    if len(lmis) != 1:
+        return False
+    nodes = lmis[0].structure.nodes
+    acts = [i for i, n in enumerate(nodes) if isinstance(n.op, Activation)]
+    mixing = [i for i, n in enumerate(nodes) if not isinstance(n.op, (Activation, Scale, Shift, Reshape))]
+    if len(acts) > 1 or len(mixing) > 1:
+        return False
+    return not acts or (nodes[acts[0]].op.slopes[0] >= 0 and all(i < acts[0] for i in mixing))
 
 
 def _kappa(weights: list[float], shape: list[float]) -> float:

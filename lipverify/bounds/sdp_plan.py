@@ -20,7 +20,7 @@ from lipverify.ops.conv import Conv
 from lipverify.verifier.lipsdp_graph import tied_op_ok
 from lipverify.verifier.sdp_graph import dense_segment, dense_size, freq_segment, segment_nodes
 
-FREQ_MAX_DIM = 512  # per-frequency matrix size above which a stage is not put in one LMI
+FREQ_MAX_DIM = 160  # per-frequency matrix size above which a stage is not put in one LMI (CPU-sized)
 DENSE_MAX_DIM = 3000  # dense LMI size (coordinates) cap
 UNROLL_MAX_DIM = 1024  # convolution stages this small are unrolled: exact LipSDP, per-neuron multipliers
 
