@@ -166,6 +166,13 @@ def test_single_convolution_is_its_circulant_norm():
     assert r.value == pytest.approx(circ, rel=1e-6)
 
 
+def test_leaky_relu_cnn_chain():
+    # lifted slopes are widened to [0, 1] (padded positions act like slope 0); unrolled keep [0.1, 1]
+    g = small_cnn(4, act=lambda: LeakyReLU(0.1))
+    freq, neuron = _run(g, FREQ), _run(g, NEURON)
+    assert freq.value >= neuron.value * (1 - 1e-6) >= _lower(g) * (1 - 1e-6)
+
+
 def test_conv_residual_block():
     g = conv_residual(0)
     freq = _run(g, FREQ)
@@ -217,6 +224,35 @@ TAMPERS = {
     "wrong kind": lambda w: w["segments"][0].__setitem__("kind", "tied"),
     "missing multipliers": lambda w: w["segments"][0]["t"].popitem(),
     "short multiplier vector": lambda w: next(iter(w["segments"][0]["t"].values())).pop(),
+    "bool multiplier": lambda w: next(iter(w["segments"][0]["t"].values())).__setitem__(0, True),
+    "nested multiplier": lambda w: next(iter(w["segments"][0]["t"].values())).__setitem__(0, [1.0]),
+    "multipliers for an unknown activation": lambda w: w["segments"][0]["t"].__setitem__("ghost", [1.0]),
+    "huge multiplier": lambda w: next(iter(w["segments"][0]["t"].values())).__setitem__(0, 1e300),
+    "huge inner weights": lambda w: w["weights"].__setitem__(w["segments"][0]["exit"],
+                                                             [1e300] * len(w["weights"][w["segments"][0]["exit"]])),
+    "rho nan": lambda w: w.__setitem__("rho", float("nan")),
+    "rho inf": lambda w: w.__setitem__("rho", float("inf")),
+    "rho negative": lambda w: w.__setitem__("rho", -1.0),
+    "rho a string": lambda w: w.__setitem__("rho", "1e9"),
+    "input weight nan": lambda w: w["weights"]["x"].__setitem__(0, float("nan")),
+    "inner weight negative": lambda w: w["weights"][w["segments"][0]["exit"]].__setitem__(0, -1.0),
+    "inner weights too short": lambda w: w["weights"][w["segments"][0]["exit"]].pop(),
+    "output weight inf": lambda w: w["weights"][w["segments"][-1]["exit"]].__setitem__(0, float("inf")),
+    "grid of the wrong rank": lambda w: w["segments"][0].__setitem__("grid", w["segments"][0]["grid"][:-1]),
+    "grid not integers": lambda w: w["segments"][0].__setitem__("grid", [float(g) for g in w["segments"][0]["grid"]]),
+    "grid far too large": lambda w: w["segments"][0].__setitem__("grid", [100 * g for g in w["segments"][0]["grid"]]),
+    "grid zero": lambda w: w["segments"][0].__setitem__("grid", [0 for _ in w["segments"][0]["grid"]]),
+    "extra top-level entry": lambda w: w.__setitem__("frequencies", [[0, 0]]),
+    "extra segment entry": lambda w: w["segments"][0].__setitem__("frequencies", [[0, 0]]),
+    "weights of a tensor that is no boundary": lambda w: w["weights"].__setitem__("t0", [1.0] * 3),
+    "granularity of a tensor that is no activation there": lambda w: w["segments"][1].__setitem__(
+        "granularity", {w["segments"][1]["entry"]: "channel"}),
+    "layerwise part without a layerwise segment": lambda w: w.__setitem__(
+        "layerwise", {"scalings": {}, "tensors": {}, "factors": {}}),
+    "segments out of chain": lambda w: w["segments"][1].__setitem__("entry", "t2"),
+    "segments reversed": lambda w: w["segments"].reverse(),
+    "segment repeated": lambda w: w["segments"].insert(1, copy.deepcopy(w["segments"][0])),
+    "segment not an object": lambda w: w["segments"].__setitem__(1, "dense"),
 }
 
 
@@ -225,8 +261,24 @@ def test_tampered_witness_rejected(freq_cert, name):
     g, result = freq_cert
     w = copy.deepcopy(result.witness)
     TAMPERS[name](w)
-    with pytest.raises((SoundnessError, KeyError, TypeError, IndexError)):
+    with pytest.raises(SoundnessError):  # a clean refusal, never a crash
         verify_lipsdp_graph(g, result.value, w)
+
+
+def test_every_frequency_of_the_grid_is_checked(freq_cert):
+    g, result = freq_cert
+    grid = result.witness["segments"][0]["grid"]
+    detail = verify_lipsdp_graph(g, result.value, result.witness)
+    assert f"{math.prod(grid[:-1]) * (grid[-1] // 2 + 1)} frequencies" in detail
+
+
+def test_certificate_of_another_network_rejected(freq_cert):
+    # the checker re-derives kernels from the graph: the same witness on stronger weights fails
+    g, result = freq_cert
+    g2 = copy.deepcopy(g)
+    g2.nodes[0].op.weight = g2.nodes[0].op.weight * 1.5
+    with pytest.raises(SoundnessError):
+        verify_lipsdp_graph(g2, result.value, result.witness)
 
 
 def test_claimed_value_below_sqrt_rho_rejected(freq_cert):

@@ -31,7 +31,7 @@ from lipverify.ops.activation import Activation
 from lipverify.ops.conv import Conv
 from lipverify.ops.dense import Scale, Shift
 from lipverify.ops.shape import Reshape
-from lipverify.verifier.lipsdp_graph import check_segments
+from lipverify.verifier.lipsdp_graph import LAYERWISE_KEYS, check_segments
 from lipverify.verifier.scaled import _per_channel, _rebuild_scalings
 
 AUTO_MAX_WORK = 2e10  # sum over LMI segments of (matrices x size^3): auto skips larger problems
@@ -148,7 +148,7 @@ class LipSDPGraph(BoundMethod):
         witness = {"rho": rho, "segments": segments,
                    "weights": {b: weights[b] for b in [graph.input_name] + [s["exit"] for s in segments]}}
         if lw is not None:
-            witness["layerwise"] = lw.result.witness
+            witness["layerwise"] = {k: lw.result.witness[k] for k in LAYERWISE_KEYS}
         check_segments(graph, [s for s in segments if s["kind"] == "layerwise"], witness["weights"],
                        witness.get("layerwise"))
         value = inflate(math.sqrt(rho), 8)

@@ -33,13 +33,17 @@ from lipverify.ops.shape import Pad
 from lipverify.ops.merge import Add, Sub
 from lipverify.verifier.factors import factor_holds, label, merge_bound
 from lipverify.verifier.linalg import proves_psd
-from lipverify.verifier.numbers import EPS, at_least, claim, claim_vector, fail, mul_up, sqrt_up, up
+from lipverify.verifier.numbers import EPS, at_least, claim, claim_vector, fail, mul_up, only_keys, sqrt_up, up
 from lipverify.verifier.scaled import _check_node, _coarse, _max_ratio, _per_channel, _rebuild_scalings
 from lipverify.verifier.sdp_graph import (PairForm, assemble, assembly_error, dense_pair_form, dense_segment,
                                           freq_columns, freq_pair_form, freq_segment, group_arrays, group_values,
                                           half_grid, segment_nodes)
 
 CHUNK_ENTRIES = 4_000_000  # complex entries of U per batch of frequencies
+GRID_SLACK = 2  # a claimed grid may exceed the no-wrap grid by this factor per axis (bounds the work)
+SEGMENT_KEYS = {"freq": {"kind", "entry", "exit", "grid", "t"}, "dense": {"kind", "entry", "exit", "t", "granularity"},
+                "tied": {"kind", "entry", "exit", "factor"}, "layerwise": {"kind", "entry", "exit"}}
+LAYERWISE_KEYS = {"scalings", "tensors", "factors"}
 TIED_OPS = (Activation, Shift, Scale, MaxPool, AvgPool, Pad, Reduce)
 
 
@@ -62,6 +66,7 @@ def _multipliers(seg_w: dict, seg, lengths: dict[str, int]) -> dict[str, torch.T
     raw = seg_w.get("t")
     if not isinstance(raw, dict):
         fail(f"lipsdp-graph: segment {seg.entry} -> {seg.exit} has no multipliers")
+    only_keys(raw, set(lengths), f"lipsdp-graph: multipliers of segment {seg.entry} -> {seg.exit}")
     out = {}
     for name, n in lengths.items():
         if name not in raw:
@@ -95,6 +100,9 @@ def _check_freq(graph: Graph, entry: dict, w_in, w_out) -> str:
     grid = entry.get("grid")
     if not isinstance(grid, list) or not all(isinstance(g, int) and not isinstance(g, bool) and g > 0 for g in grid):
         fail(f"lipsdp-graph: segment {seg.entry} -> {seg.exit}: malformed grid")
+    if len(grid) == len(seg.required_grid) and any(g > GRID_SLACK * r for g, r in zip(grid, seg.required_grid)):
+        fail(f"lipsdp-graph: segment {seg.entry} -> {seg.exit}: grid {tuple(grid)} is more than {GRID_SLACK} times "
+             f"the no-wrap grid {seg.required_grid}")
     form, terms = freq_pair_form(seg, tuple(grid))
     mults = _multipliers(entry, seg, {n.name: graph.shape_of(n.name)[0] for n, _, _ in seg.acts})
     values = group_values(form, mults, w_in, w_out)
@@ -107,6 +115,7 @@ def _check_dense(graph: Graph, entry: dict, w_in, w_out) -> str:
     gran = entry.get("granularity", {})
     if not isinstance(gran, dict):
         fail("lipsdp-graph: malformed granularity")
+    only_keys(gran, {node.name for node, _ in seg.acts}, "lipsdp-graph: granularity")
     lengths = {}
     for node, _ in seg.acts:
         shape = graph.shape_of(node.name)
@@ -178,6 +187,7 @@ def check_segments(graph: Graph, segments: list, weights: dict, layerwise: dict 
     for entry in segments:
         if not isinstance(entry, dict) or entry.get("kind") not in CHECKS:
             fail("lipsdp-graph: malformed segment")
+        only_keys(entry, SEGMENT_KEYS[entry["kind"]], f"lipsdp-graph: {entry['kind']} segment")
         for b in (entry.get("entry"), entry.get("exit")):
             if not isinstance(b, str) or b not in weights:
                 fail(f"lipsdp-graph: no weights for the boundary {b!r}")
@@ -187,7 +197,10 @@ def check_segments(graph: Graph, segments: list, weights: dict, layerwise: dict 
     if any(e["kind"] == "layerwise" for e in segments):
         if not isinstance(layerwise, dict) or not isinstance(layerwise.get("factors"), dict):
             fail("lipsdp-graph: layerwise segments without a layerwise witness")
+        only_keys(layerwise, LAYERWISE_KEYS, "lipsdp-graph: layerwise part")
         scalings, factors = _rebuild_scalings(graph, layerwise), layerwise["factors"]
+    elif layerwise is not None:
+        fail("lipsdp-graph: a layerwise witness but no layerwise segment")
     details = []
     for entry in segments:
         args = (graph, entry, w[entry["entry"]], w[entry["exit"]])
@@ -199,6 +212,7 @@ def check_segments(graph: Graph, segments: list, weights: dict, layerwise: dict 
 
 
 def verify_lipsdp_graph(graph: Graph, value: float, witness: dict) -> str:
+    only_keys(witness, {"rho", "segments", "weights", "layerwise"}, "lipsdp-graph")
     rho = claim(witness.get("rho"), "lipsdp-graph: rho", positive=True)
     segments, weights = witness.get("segments"), witness.get("weights")
     if not isinstance(segments, list) or not segments or not isinstance(weights, dict):
@@ -216,6 +230,7 @@ def verify_lipsdp_graph(graph: Graph, value: float, witness: dict) -> str:
         expect = entry["exit"]
     if expect != graph.output or covered != {n.name for n in graph.nodes}:
         fail("lipsdp-graph: the segments do not cover the graph from input to output")
+    only_keys(weights, {graph.input_name} | {e["exit"] for e in segments}, "lipsdp-graph: weights")
     for end in (graph.input_name, graph.output):
         if end not in weights:
             fail(f"lipsdp-graph: no weights for {end}")
