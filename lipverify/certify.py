@@ -78,11 +78,11 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def build_graph(loaded: LoadedModel) -> tuple[Graph, dict]:
-    """Extract, simplify and self-check the IR of a loaded model."""
+def build_graph(loaded: LoadedModel, data=None) -> tuple[Graph, dict]:
+    """Extract, simplify and self-check the IR of a loaded model (``data``: samples to probe with too)."""
     graph = extract_onnx(loaded.onnx_model, loaded.input_shape)
     graph = simplify(graph)
-    check = self_check(graph, loaded.reference)
+    check = self_check(graph, loaded.reference, data=None if data is None else np.asarray(data))
     return graph, check.as_dict()
 
 
