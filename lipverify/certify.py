@@ -20,10 +20,8 @@ from lipverify.attack import lower_bound
 from lipverify.bounds import METHODS, BoundContext, BoundResult, get_method
 from lipverify.budget import estimate_graph, estimate_model, guard
 from lipverify.errors import SoundnessError, UserInputError
-from lipverify.graph.check import self_check
-from lipverify.graph.from_onnx import extract_onnx
+from lipverify.graph.build import build_graph
 from lipverify.graph.ir import Graph
-from lipverify.graph.simplify import simplify
 from lipverify.graph.transform import select_output
 from lipverify.load import LoadedModel, load_model
 from lipverify.verifier import verify
@@ -76,14 +74,6 @@ def resolve_device(device: str) -> str:
     if device not in ("cpu", "cuda"):
         raise UserInputError(f"--device {device!r}: expected auto, cpu or cuda")
     return device
-
-
-def build_graph(loaded: LoadedModel, data=None) -> tuple[Graph, dict]:
-    """Extract, simplify and self-check the IR of a loaded model (``data``: samples to probe with too)."""
-    graph = extract_onnx(loaded.onnx_model, loaded.input_shape)
-    graph = simplify(graph)
-    check = self_check(graph, loaded.reference, data=None if data is None else np.asarray(data))
-    return graph, check.as_dict()
 
 
 def choose_methods(graph: Graph, method: str) -> tuple[list[str], str]:

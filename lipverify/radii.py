@@ -62,6 +62,14 @@ class RadiiResult:
         return "global" if self.radius_pairwise is None else "pairwise"
 
 
+# float32 logits: relative rounding allowance (|error| <= LOGIT_REL_TOL * (1 + |logit|_max)), generous
+LOGIT_REL_TOL = 1e-5
+
+
+def model_logits(reference, x: np.ndarray) -> np.ndarray:
+    return np.asarray(reference(x.astype(np.float32)), dtype=np.float64).reshape(len(x), -1)
+
+
 def _eps_key(eps: float) -> str:
     """The JSON/CSV spelling of an eps value: shortest round-trip repr ("0.1", "1e-05")."""
     return repr(float(eps))

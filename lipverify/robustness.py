@@ -16,15 +16,13 @@ import numpy as np
 import torch
 
 from lipverify.bounds import METHODS, BoundContext
-from lipverify.data import DataSpec, check_labels, count_samples, iter_batches, sample_indices
+from lipverify.data import DataSpec, check_labels, count_samples, data_sha256, iter_batches, sample_indices
 from lipverify.errors import SoundnessError, UserInputError
 from lipverify.graph.ir import Graph
 from lipverify.graph.transform import output_dim, pairwise_difference
-from lipverify.radii import RadiiResult, compute_radii, pgd_inside_radius, summarize
+from lipverify.radii import LOGIT_REL_TOL, RadiiResult, compute_radii, model_logits, pgd_inside_radius, summarize
 from lipverify.verifier import verify
 
-# float32 logits: relative rounding allowance (|error| <= LOGIT_REL_TOL * (1 + |logit|_max)), generous
-LOGIT_REL_TOL = 1e-5
 MAX_PAIRWISE_CLASSES = 32
 PAIRWISE_BUDGET_S = 60.0  # methods projected to take longer over all pairs are skipped for pairs  # C (C-1) / 2 pairwise certificates; beyond this use the global form only
 
@@ -48,13 +46,14 @@ def pairwise_bounds(graph: Graph, method_names: list[str], ctx: BoundContext, tr
     c = output_dim(graph)
     L = np.full((c, c), np.inf)
     np.fill_diagonal(L, 0.0)
-    used: dict[str, int] = {}
+    used: dict = {}
+    certificates: dict[str, dict] = {}  # "i,j" -> the verified certificate of Lip(f_i - f_j)
     pairs = [(i, j) for i in range(c) for j in range(i + 1, c)]
     active = list(method_names)
     dropped: list[str] = []
     for k, (i, j) in enumerate(track(pairs, "pairwise bounds", len(pairs))):
         g = pairwise_difference(graph, i, j)
-        best, best_name = math.inf, None
+        best, best_name, best_witness = math.inf, None, None
         for name in list(active):
             method = METHODS[name]
             if method.not_applicable(g):
@@ -66,16 +65,14 @@ def pairwise_bounds(graph: Graph, method_names: list[str], ctx: BoundContext, tr
                 active.remove(name)
                 dropped.append(name)
             if result.value < best:
-                best, best_name = result.value, name
+                best, best_name, best_witness = result.value, name, result.witness
         L[i, j] = L[j, i] = best
         used[best_name] = used.get(best_name, 0) + 1
+        certificates[f"{i},{j}"] = {"method": best_name, "value": best, "witness": best_witness}
     if dropped:
         used["dropped_for_time"] = dropped
+    used["certificates"] = certificates
     return L, used
-
-
-def model_logits(reference, x: np.ndarray) -> np.ndarray:
-    return np.asarray(reference(x.astype(np.float32)), dtype=np.float64).reshape(len(x), -1)
 
 
 def evaluate(graph: Graph, reference, L_global: float, method_names: list[str], ctx: BoundContext,
@@ -108,8 +105,12 @@ def evaluate(graph: Graph, reference, L_global: float, method_names: list[str], 
     result = compute_radii(logits_arr, labels, L_global, L_pair, opts.eps, index=sample_indices(opts.spec),
                            logit_tol=tol)
     summary = summarize(result, opts.eps)
-    summary.update({"path": str(opts.spec.path), "L_global": L_global, "logit_tolerance": tol,
-                    "pairwise_methods": used})
+    certificates = used.pop("certificates", {}) if used else {}
+    summary.update({"path": str(opts.spec.path), "sha256": data_sha256(opts.spec.path), "L_global": L_global,
+                    "logit_tolerance": tol, "eps": [float(e) for e in opts.eps], "pairwise_methods": used,
+                    "spec": {k: getattr(opts.spec, k) for k in ("x_key", "y_key", "label_column", "transform",
+                                                                "limit", "seed", "batch_size")},
+                    "pairwise_certificates": certificates})
     if L_pair is not None:
         summary["L_pairwise"] = [[None if not math.isfinite(v) else float(v) for v in row] for row in L_pair]
 

@@ -183,6 +183,34 @@ def live_nodes(model: onnx.ModelProto, output: str) -> list:
     return nodes
 
 
+LOW_PRECISION = {onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.BFLOAT16: "bfloat16"}
+for _name in ("FLOAT8E4M3FN", "FLOAT8E4M3FNUZ", "FLOAT8E5M2", "FLOAT8E5M2FNUZ", "FLOAT4E2M1"):
+    if hasattr(onnx.TensorProto, _name):
+        LOW_PRECISION[getattr(onnx.TensorProto, _name)] = _name.lower()
+
+
+def refuse_statically(nodes: list, input_name: str) -> None:
+    """Refusals that need no run of the model: random ops anywhere the output depends on, and casts of
+    input-dependent tensors to anything but float32/float64 (onnxruntime may not even expose those)."""
+    data = {input_name}
+    for node in nodes:
+        name = node.name or node.output[0]
+        if node.op_type in RANDOM_OPS:
+            raise UnsupportedOperationError(node.op_type, name,
+                                            "a random operation: the model's output is not a function of its input")
+        if node.op_type in ("Shape", "Size") or not any(i in data for i in node_inputs(node)):
+            continue
+        data.update(o for o in node.output if o)
+        if node.op_type == "Cast":
+            to = next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == "to"), None)
+            if to in LOW_PRECISION:
+                raise UnsupportedOperationError(node.op_type, name, f"casts to {LOW_PRECISION[to]}: rounding to a "
+                                                "lower precision is not Lipschitz")
+            if to not in ONNX_FLOAT:
+                raise UnsupportedOperationError(node.op_type, name, "casts input-dependent values to a non-floating "
+                                                "type (rounding is not Lipschitz)")
+
+
 class BatchValue:
     """A small int tensor computed from Shape/Size of a data tensor: which entries are exactly the
     batch size B (``is_b``) and which depend on B at all (``depends``); same shape as its value."""
@@ -209,9 +237,6 @@ class TensorKinds:
         for node in nodes:
             ins = node_inputs(node)
             outs = [o for o in node.output if o]
-            if node.op_type in RANDOM_OPS:
-                raise UnsupportedOperationError(node.op_type, node.name or outs[0],
-                                                "a random operation: the model's output is not a function of its input")
             if any(i in self.data for i in ins):
                 if node.op_type in ("Shape", "Size") and not (set(ins) - self.data - set(self.consts)):
                     self._shape_of_data(node, values, batched)
@@ -240,7 +265,10 @@ class TensorKinds:
         attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
         start, end = attrs.get("start", 0), attrs.get("end", rank)
         mask = full[slice(start, end)]
-        self.batch[out] = BatchValue(mask, mask)
+        if mask.any():
+            self.batch[out] = BatchValue(mask, mask)
+        else:  # only per-sample dims: fixed by the input shape
+            self.consts[out] = v
 
     def _propagate(self, node, values) -> None:
         outs = [o for o in node.output if o]
@@ -281,8 +309,10 @@ class TensorKinds:
         for o in outs:
             if result is None or result.is_b.shape != shape(o):
                 self.batch[o] = BatchValue.opaque(shape(o))
-            else:
+            elif result.depends.any():
                 self.batch[o] = result
+            else:  # the entries that depended on the batch size were dropped (e.g. Gather of a per-sample dim)
+                self.consts[o] = values[o]
 
 
 # ------------------------------------------------------------------------------------------------
@@ -333,7 +363,10 @@ class NodeView:
                              "output for one sample would depend on how many samples are evaluated together")
         if name not in self.x.kinds.consts:
             self.unsupported(f"{what} depends on the model input; only a constant {what} is supported")
-        return np.asarray(self.x.kinds.consts[name])
+        value = np.asarray(self.x.kinds.consts[name])
+        if value.dtype.kind == "f" and not np.all(np.isfinite(value)):
+            self.unsupported(f"its {what} contains NaN or Inf")
+        return value
 
     def batch_target(self, i: int) -> None:
         """Accept input ``i`` as a shape target (Reshape/Expand) if, when it depends on the batch size,
@@ -441,6 +474,7 @@ class OnnxExtractor:
             raise UserInputError("the ONNX graph declares no output")
         self.output = model.graph.output[0].name
         self.live = live_nodes(model, self.output)
+        refuse_statically(self.live, self.input_name)
         rng = np.random.default_rng(seed)
         self.runs: list[tuple[int, dict]] = []
         for b in batches:
@@ -565,6 +599,10 @@ class OnnxExtractor:
             detail = hint_for(node.op_type, node.domain)
             raise UnsupportedOperationError(node.op_type, name, detail)
         view = NodeView(node, self)
+        for key, value in view.attrs.items():
+            if isinstance(value, float) and not np.isfinite(value) and key not in ("min", "max"):
+                raise UnsupportedOperationError(node.op_type, name, f"attribute {key} = {value} is not finite")
+        first = len(self.nodes)
         try:
             converter(view)
         except UnsupportedOperationError:
@@ -572,6 +610,12 @@ class OnnxExtractor:
         except (ValueError, RuntimeError, IndexError, TypeError, KeyError, ZeroDivisionError) as exc:
             raise UnsupportedOperationError(node.op_type, name, f"could not convert it ({type(exc).__name__}: {exc})"
                                             .split("\n")[0]) from exc
+        for ir in self.nodes[first:]:
+            for key, value in vars(ir.op).items():
+                bad = (isinstance(value, torch.Tensor) and value.is_floating_point() and not bool(torch.isfinite(value).all())) \
+                    or (isinstance(value, float) and np.isnan(value))
+                if bad:
+                    raise UnsupportedOperationError(node.op_type, name, f"its {key} is not finite (NaN or Inf)")
         unchecked = [i for i in range(len(node.input))
                      if node.input[i] in self.kinds.batch and i not in view.batch_inputs_ok]
         if unchecked:

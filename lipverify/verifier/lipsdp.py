@@ -121,5 +121,6 @@ def verify_lipsdp(graph: Graph, value: float, witness: dict) -> str:
     ok, detail = lmi_holds(weights, slopes, T, rho)
     if not ok:
         fail(f"lipsdp: the LMI does not hold for the stored (rho, T): {detail}")
-    at_least(value, sqrt_up(up(rho)), "lipsdp")
-    return f"LipSDP LMI re-checked at the stored (rho, T): {detail}"
+    implied = sqrt_up(up(rho))
+    at_least(value, implied, "lipsdp")
+    return implied, f"LipSDP LMI re-checked at the stored (rho, T): {detail}"

@@ -12,5 +12,6 @@ def verify_product(graph: Graph, value: float, witness: dict) -> str:
     if not isinstance(factors, dict):
         fail("product: the witness has no factors")
     checked = check_factors(graph, factors, "product")
-    at_least(value, propagate_up(graph, checked)[graph.output], "product")
-    return f"{len(checked)} factors re-checked (Cholesky / closed forms, float64); propagation recomputed rounding up"
+    implied = propagate_up(graph, checked)[graph.output]
+    at_least(value, implied, "product")
+    return implied, f"{len(checked)} factors re-checked (Cholesky / closed forms, float64); propagation recomputed rounding up"

@@ -117,7 +117,7 @@ def verify_rslmi(graph: Graph, value: float, witness: dict) -> str:
         else:
             bound[node.name] = mul_up(factors[node.name], bound[node.inputs[0]])
     at_least(value, bound[graph.output], "rslmi")
-    return (f"{len(factors)} certified tau_k re-checked (Cholesky / per-frequency Cholesky), {len(checked_blocks)} "
+    return bound[graph.output], (f"{len(factors)} certified tau_k re-checked (Cholesky / per-frequency Cholesky), {len(checked_blocks)} "
             "residual block(s) by Cholesky, propagation recomputed rounding up; sketched tau_hat not used")
 
 
@@ -354,5 +354,5 @@ def verify_layerwise(graph: Graph, value: float, witness: dict) -> str:
             rules["loop"] = rules.get("loop", 0) + 1
     at_least(value, bound[graph.output], "layerwise")
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(rules.items()))
-    return (f"scalings rebuilt (positive, I at input/output); each scaled factor re-checked ({summary}) by "
+    return bound[graph.output], (f"scalings rebuilt (positive, I at input/output); each scaled factor re-checked ({summary}) by "
             "Cholesky / per-frequency Cholesky / closed forms; propagation recomputed rounding up")
