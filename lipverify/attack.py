@@ -55,6 +55,8 @@ def _ascend(fn, x: torch.Tensor, v: torch.Tensor, steps: int, lr: float) -> torc
     for _ in range(steps):
         _, jv = jvp(fn, (x,), (v,))
         loss = -jv.flatten(1).norm(dim=1).sum()
+        if not loss.requires_grad:  # ||J v|| does not depend on x (a linear map): nothing to ascend
+            break
         opt.zero_grad()
         loss.backward()
         opt.step()

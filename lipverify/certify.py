@@ -261,8 +261,16 @@ def gates_passed(cert: dict) -> bool:
 def inspect(model_path, opts: CertifyOptions | None = None) -> dict:
     """The extracted graph, for ``lipverify inspect``."""
     opts = opts or CertifyOptions()
+    from lipverify.errors import UnsupportedModelError
+
     loaded = load_model(model_path, opts.input_shape, opts.spec, opts.activation, opts.factory)
-    graph, check = build_graph(loaded)
+    try:
+        graph, check = build_graph(loaded)
+    except UnsupportedModelError as exc:  # still show the model and every unsupported node at once
+        return {"model": {"path": str(model_path), "format": loaded.format, "sha256": loaded.sha256},
+                "supported": False, "onnx_nodes": exc.onnx_nodes, "notes": loaded.notes,
+                "problems": [{"op": p.op_type, "node": p.node_name, "why": str(p).split(": ", 1)[-1]}
+                             for p in exc.problems]}
     rows = graph.summary_rows()
     for row, node in zip(rows, graph.nodes):
         row["inputs"] = [i if i != graph.input_name else "input" for i in node.inputs]

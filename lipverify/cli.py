@@ -173,6 +173,8 @@ def inspect(
     except LipverifyError as exc:
         _fail(exc)
     render_inspect(info, out)
+    if not info.get("supported", True):
+        raise typer.Exit(2)
 
 
 @app.command()

@@ -511,6 +511,10 @@ class OnnxExtractor:
         firsts = {n.output[0] for n in self.live if n.output and n.output[0] in self.kinds.data}
         for name in sorted((self.kinds.data & (used | firsts)) - interior - {self.input_name}):
             op, node = self._producer_name(name)
+            producer = next((n for n in self.live if name in n.output), None)
+            if producer is not None and (producer.op_type not in CONVERTERS or producer.domain not in ("", "ai.onnx")):
+                problems.setdefault(node, UnsupportedOperationError(op, node, hint_for(op, producer.domain)))
+                continue
             try:
                 self.shapes[name] = self._sample_shape(name, op, node, check_type=name in used)
             except UnsupportedOperationError as exc:

@@ -60,7 +60,9 @@ HINTS = {
 def hint_for(op_type: str, domain: str) -> str:
     if domain not in ("", "ai.onnx"):
         return f"custom operator domain {domain!r} is not supported"
-    return HINTS.get(op_type, "no converter for this operation") + "; supported ops: " + ", ".join(sorted(CONVERTERS))
+    if op_type in HINTS:
+        return HINTS[op_type]
+    return "no converter for this operation; supported ops: " + ", ".join(sorted(CONVERTERS))
 
 
 def converts(*op_types: str):

@@ -79,9 +79,11 @@ class Activation(Op):
         value = max(abs(a), abs(b))
         return NormResult(upper=value, lower=None, method=f"slopes [{a:.4g}, {b:.4g}]")
 
+    internal: float = 0.0  # magnitude of terms inside phi that cancel (alpha (e^x - 1) in ELU): rounding scale
+
     def magnitude(self, m, x):
         a, b = self.slopes
-        return max(abs(a), abs(b)) * m + self.forward(torch.zeros_like(x[:1])).abs()
+        return max(abs(a), abs(b)) * m + self.forward(torch.zeros_like(x[:1])).abs() + self.internal
 
     def describe(self):
         a, b = self.slopes
@@ -158,6 +160,10 @@ class ELU(Activation):
         # phi'(x) = alpha e^x on x < 0 (between 0 and alpha), 1 on x > 0; continuous at 0
         return (min(0.0, self.alpha), max(1.0, self.alpha))
 
+    @property
+    def internal(self):
+        return abs(self.alpha)
+
     def forward(self, x):
         return torch.where(x > 0, x, self.alpha * torch.expm1(torch.clamp(x, max=0.0)))
 
@@ -170,6 +176,10 @@ class CELU(Activation):
 
     def __init__(self, alpha: float = 1.0):
         self.alpha = float(alpha)
+
+    @property
+    def internal(self):
+        return abs(self.alpha)
 
     def forward(self, x):
         return torch.clamp(x, min=0) + torch.clamp(self.alpha * torch.expm1(torch.clamp(x, max=0) / self.alpha), max=0)
@@ -187,6 +197,10 @@ class SELU(Activation):
     @property
     def slopes(self):
         return _hull(0.0, self.gamma, self.gamma * self.alpha)
+
+    @property
+    def internal(self):
+        return abs(self.gamma * self.alpha)
 
     def forward(self, x):
         return self.gamma * torch.where(x > 0, x, self.alpha * torch.expm1(torch.clamp(x, max=0.0)))

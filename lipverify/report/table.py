@@ -96,7 +96,24 @@ def render_certificate(cert: dict, console: Console) -> None:
         console.print(f"[yellow]note:[/] {note}")
 
 
+def render_unsupported(info: dict, console: Console) -> None:
+    table = Table(title=f"ONNX graph of {info['model']['path']} ({info['model']['format']})")
+    for col in ("#", "node", "op"):
+        table.add_column(col, overflow="fold")
+    bad = {p["node"] for p in info["problems"]}
+    for i, n in enumerate(info["onnx_nodes"]):
+        name = n["name"] or "-"
+        mark = "[bold red]" if name in bad else ""
+        table.add_row(str(i), f"{mark}{name}", f"{mark}{n['op']}")
+    console.print(table)
+    console.print(f"[bold red]{len(info['problems'])} unsupported operation(s):[/]")
+    for p in info["problems"]:
+        console.print(f"  [bold]{p['op']}[/] at node {p['node']!r}: {p['why']}", highlight=False, soft_wrap=True)
+
+
 def render_inspect(info: dict, console: Console) -> None:
+    if not info.get("supported", True):
+        return render_unsupported(info, console)
     table = Table(title=f"Extracted graph of {info['model']['path']} ({info['model']['format']})")
     for col in ("#", "node (source)", "kind", "operation", "in → out", "inputs"):
         table.add_column(col, overflow="fold")
