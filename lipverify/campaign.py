@@ -49,6 +49,7 @@ from torch import nn
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "elu", "softplus", "gelu", "silu")
 FAMILIES = ("tiny_relu", "mlp", "cnn")
+ADVERSARIAL_SHARE = 0.4  # share of seeds that get a hand-written adversarial file (lipverify.adversarial)
 
 # A certified bound below attack * (1 - SOUND_TOL) is a violation. The attack value is a float64
 # difference quotient (relative rounding error ~1e-12 at the step sizes used), so 1e-9 is tight.
@@ -650,6 +651,11 @@ def check_network(seed: int, workdir, *, family: str | None = None, lower_starts
 
     t0 = time.perf_counter()
     rng = np.random.default_rng([seed, 11])
+    if family == "adversarial" or family is None and rng.random() < ADVERSARIAL_SHARE:
+        from lipverify.adversarial import check_case
+
+        with time_limit(timeout_s):
+            return check_case(seed, workdir)
     net = random_network(seed, family)
     fold = bool(rng.random() < 0.5)
     output = None

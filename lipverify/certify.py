@@ -198,7 +198,7 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
         "bounds": {n: r.value for n, r in results.items()},
         "layers": [l.as_dict() for l in best.layers],
         "methods": {n: {"value": r.value, "seconds": r.seconds, "check": r.check,
-                        "layers": [l.as_dict() for l in r.layers], "witness": r.witness}
+                        "layers": [l.as_dict() for l in r.layers], "witness": r.witness, "info": r.info}
                     for n, r in results.items()},
         "verification": verification,
         "self_check": check,

@@ -176,7 +176,7 @@ def test_trained_digits_mlp_at_least_20_percent_below_product():
     res = _run(g, layerwise_steps=300)
     prod, lower = _check_sandwich(g, res)
     assert res.value <= 0.8 * prod
-    assert res.witness["chosen"] == "optimized"
+    assert res.info["chosen"] == "optimized"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -531,3 +531,17 @@ def test_maxpool_windows_made_of_padding_are_refused(tmp_path):
     nodes = [helper.make_node("MaxPool", ["x"], ["y"], kernel_shape=[2, 2], pads=[2, 2, 2, 2])]
     path = make_onnx(tmp_path / "m.onnx", nodes, {}, [1, 4, 4])
     refused(path, match="pad")
+
+
+# ------------------------------------------------------------------------------------------------
+# the adversarial generator of the soundness campaign (a short run; the full one is a benchmark)
+
+
+@pytest.mark.parametrize("family", __import__("lipverify.adversarial", fromlist=["FAMILIES"]).FAMILIES)
+def test_adversarial_generator_finds_no_violation(tmp_path, family):
+    from lipverify.adversarial import check_case
+
+    for seed in range(2):
+        rec = check_case(seed, tmp_path, family)
+        assert rec["status"] in ("certified", "refused", "checked"), rec
+        assert not rec["violations"], rec

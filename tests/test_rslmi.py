@@ -180,7 +180,7 @@ def test_tau_lowered_by_one_part_per_million_is_rejected():
     # a tau replaced by its sketched estimate is rejected too (a sketch is not a certificate)
     small = _run(g, sketch_dim=1, sketch_iters=0)
     bad = {**small.witness, "tau": dict(small.witness["tau"])}
-    bad["tau"]["n0"] = small.witness["tau_hat"]["n0"]
+    bad["tau"]["n0"] = small.info["tau_hat"]["n0"]
     assert bad["tau"]["n0"] < small.witness["tau"]["n0"]
     with pytest.raises(SoundnessError):
         verify(g, type(res)(res.method, res.value, res.layers, res.check, bad))

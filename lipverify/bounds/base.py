@@ -54,8 +54,9 @@ class BoundResult:
     value: float  # certified upper bound on the Lipschitz constant
     layers: list[LayerBound]
     check: str  # the method's own verification that passed
-    witness: dict = field(default_factory=dict)
+    witness: dict = field(default_factory=dict)  # exactly what the verifier re-checks
     seconds: float = 0.0
+    info: dict = field(default_factory=dict)  # method details shown to users, NOT verified (estimates, choices)
     notes: list[str] = field(default_factory=list)
 
 

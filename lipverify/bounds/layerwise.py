@@ -646,18 +646,16 @@ class LayerwiseBound(BoundMethod):
                                    how=f"{plan.rules[n.name]} ({label} scalings)", extra=extra))
         witness = {
             "scalings": {str(c): v.detach().cpu().tolist() for c, v in vectors.items()},
-            "tensors": {name: {"class": ts.cls, "kind": ts.kind, "parent": ts.parent}
-                        for name, ts in plan.tensors.items()},
-            "rules": dict(plan.rules),
+            "tensors": {name: ({"kind": ts.kind, "parent": ts.parent} if ts.kind in ("same", "derived")
+                               else {"kind": ts.kind, "class": ts.cls}) for name, ts in plan.tensors.items()},
             "factors": parts["factors"],
-            "merge_ratios": parts["merge_ratios"],
-            "loops": parts["loops"],
-            "loop_depth": depth,
-            "chosen": label,
+            "loops": {n: {"run": e["run"], "norms": e["norms"]} for n, e in parts["loops"].items()},
         }
+        details = {"rules": dict(plan.rules), "merge_ratios": parts["merge_ratios"], "loop_depth": depth,
+                "chosen": label, "loop_slopes": {n: e["slopes"] for n, e in parts["loops"].items()}}
         notes = [f"layerwise: {label} scalings certified ({info['steps']} Adam steps, estimate "
                  f"{info['start_estimate']} -> {info['final_estimate']})"] if logs else []
         return BoundResult(method=self.name, value=value, layers=rows,
                            check="scaled per-layer norms in float64 (exact SVD / FFT-Gram) with rounding margin",
-                           witness=witness, seconds=time.perf_counter() - start, notes=notes)
+                           witness=witness, seconds=time.perf_counter() - start, notes=notes, info=details)
 

@@ -85,7 +85,7 @@ class _LipSDP(BoundMethod):
                          "the certified value comes from the repaired, verified multipliers")
         return BoundResult(
             method=self.name, value=res.value, layers=layer_rows(graph, factors), check=res.check,
-            witness={"mode": self.mode, "rho": res.rho, "T": [t.tolist() for t in res.T], "solver": res.solver},
+            witness={"mode": self.mode, "rho": res.rho, "T": [t.tolist() for t in res.T]}, info={"solver": res.solver},
             seconds=time.perf_counter() - start, notes=notes,
         )
 

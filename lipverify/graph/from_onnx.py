@@ -503,7 +503,7 @@ class OnnxExtractor:
         node = next((n for n in self.live if tensor in n.output), None)
         return (node.op_type, node.name or tensor) if node is not None else ("?", tensor)
 
-    def record_shapes(self, interior: set[str]) -> list[UnsupportedOperationError]:
+    def record_shapes(self, interior: set[str], covered: set[int] = frozenset()) -> list[UnsupportedOperationError]:
         """Per-sample shapes and types of the data tensors that are used (the output and the inputs of live
         nodes, tensors inside a recognised activation excepted); constants identical across the runs."""
         problems: dict[str, UnsupportedOperationError] = {}
@@ -512,7 +512,8 @@ class OnnxExtractor:
         for name in sorted((self.kinds.data & (used | firsts)) - interior - {self.input_name}):
             op, node = self._producer_name(name)
             producer = next((n for n in self.live if name in n.output), None)
-            if producer is not None and (producer.op_type not in CONVERTERS or producer.domain not in ("", "ai.onnx")):
+            if producer is not None and id(producer) not in covered and (
+                    producer.op_type not in CONVERTERS or producer.domain not in ("", "ai.onnx")):
                 problems.setdefault(node, UnsupportedOperationError(op, node, hint_for(op, producer.domain)))
                 continue
             try:
@@ -563,7 +564,7 @@ class OnnxExtractor:
         covered = {id(n) for r in regions for n in r.nodes}
         interior = {o for r in regions for n in r.nodes for o in n.output if o != r.output}
         region_at_output = {id(r.nodes[-1]): r for r in regions}
-        problems = self.record_shapes(interior)
+        problems = self.record_shapes(interior, covered)
         reported = {p.node_name for p in problems}
         for node in self.live:
             outs = [o for o in node.output if o]

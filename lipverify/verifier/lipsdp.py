@@ -26,7 +26,7 @@ from lipverify.graph.ir import Graph
 from lipverify.ops.activation import Activation
 from lipverify.ops.dense import Dense, Shift
 from lipverify.ops.shape import Reshape
-from lipverify.verifier.numbers import EPS, at_least, claim, claim_vector, fail, sqrt_up, up
+from lipverify.verifier.numbers import EPS, at_least, claim, claim_vector, fail, only_keys, sqrt_up, up
 
 MARGIN_REL = 1e-9
 
@@ -112,6 +112,9 @@ def lmi_holds(ws, sl, T, rho) -> tuple[bool, str]:
 
 
 def verify_lipsdp(graph: Graph, value: float, witness: dict) -> str:
+    only_keys(witness, {"rho", "T", "mode"}, "lipsdp")
+    if witness.get("mode") not in ("neuron", "layer"):
+        fail("lipsdp: the witness's mode must be 'neuron' or 'layer'")
     weights, slopes = dense_chain(graph)
     rho = claim(witness.get("rho"), "lipsdp: rho", positive=True)
     raw_T = witness.get("T")

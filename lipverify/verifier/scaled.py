@@ -32,7 +32,7 @@ from lipverify.ops.shape import Pad, Reshape, Slice, Transpose
 from lipverify.verifier.conv import conv_norm_at_most
 from lipverify.verifier.factors import factor_holds, label, merge_bound
 from lipverify.verifier.linalg import norm_at_most
-from lipverify.verifier.numbers import EPS, add_up, at_least, claim, claim_vector, fail, mul_up, sqrt_up, up
+from lipverify.verifier.numbers import EPS, add_up, at_least, claim, claim_vector, fail, mul_up, only_keys, sqrt_up, up
 
 # ----------------------------------------------------------------------------------------------
 # rslmi
@@ -80,6 +80,7 @@ def _block_matrix(graph: Graph, merge: Node, skip: str, chain: list[str]) -> tor
 
 
 def verify_rslmi(graph: Graph, value: float, witness: dict) -> str:
+    only_keys(witness, {"tau", "blocks"}, "rslmi")
     taus = witness.get("tau")
     blocks = witness.get("blocks", {})
     if not isinstance(taus, dict) or not isinstance(blocks, dict):
@@ -99,6 +100,7 @@ def verify_rslmi(graph: Graph, value: float, witness: dict) -> str:
     for name, blk in blocks.items():
         if name not in {n.name for n in graph.nodes} or not isinstance(blk, dict):
             fail(f"rslmi: residual block {name!r} is not a merge of the graph")
+        only_keys(blk, {"skip", "chain", "factor"}, f"rslmi block {name}")
         merge = graph.node(name)
         chain = _linear_branch(graph, merge, blk.get("skip"), blk.get("chain"))
         factor = claim(blk.get("factor"), f"rslmi: ||I ± L|| of the block at {name}")
@@ -148,6 +150,8 @@ def _rebuild_scalings(graph: Graph, witness: dict) -> dict[str, torch.Tensor]:
         entry = spec[name]
         shape = tuple(graph.shape_of(name))
         kind = entry.get("kind")
+        only_keys(entry, {"kind", "parent"} if kind in ("same", "derived") else {"kind", "class"},
+                  f"layerwise: scaling of {name}")
         if kind == "same":
             out = get(entry.get("parent"))
         elif kind == "derived":
@@ -157,10 +161,10 @@ def _rebuild_scalings(graph: Graph, witness: dict) -> dict[str, torch.Tensor]:
             with torch.no_grad():
                 out = node.op.apply(get(entry["parent"])[None])[0]
         elif kind in ("channel", "last"):
-            try:
-                v = vectors[int(entry.get("class"))]
-            except (KeyError, TypeError, ValueError):
-                fail(f"layerwise: scaling of {name} names an unknown class")
+            cls = entry.get("class")
+            if isinstance(cls, bool) or not isinstance(cls, int) or cls not in vectors:
+                fail(f"layerwise: scaling of {name} names an unknown class {cls!r}")
+            v = vectors[cls]
             size = shape[0] if kind == "channel" else shape[-1]
             if not shape or v.numel() != size:
                 fail(f"layerwise: scaling class of {name} has {v.numel()} entries for {size}")
@@ -303,6 +307,7 @@ def _loop_recursion(slopes, norms, p_before, p_in) -> float:
 
 
 def verify_layerwise(graph: Graph, value: float, witness: dict) -> str:
+    only_keys(witness, {"scalings", "tensors", "factors", "loops"}, "layerwise")
     full = _rebuild_scalings(graph, witness)
     factors, loops = witness.get("factors"), witness.get("loops", {})
     if not isinstance(factors, dict) or not isinstance(loops, dict):
@@ -330,6 +335,8 @@ def verify_layerwise(graph: Graph, value: float, witness: dict) -> str:
         if node.name in loops:
             entry = loops[node.name]
             names = entry.get("run") if isinstance(entry, dict) else None
+            if isinstance(entry, dict):
+                only_keys(entry, {"run", "norms"}, f"layerwise loop at {node.name}")
             if not isinstance(names, list) or len(names) < 2 or names[-1] != node.name:
                 fail(f"layerwise: the loop run for {node.name} is malformed or does not end there")
             slopes = _check_run(graph, names, full)
