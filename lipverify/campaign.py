@@ -783,6 +783,16 @@ def _finish(rec: dict, path: Path, keep_onnx: bool) -> dict:
     return rec
 
 
+def refusal_cause(message: str) -> str:
+    """A short label for why lipverify refused a file: the op and the first words of the reason."""
+    import re
+
+    m = re.search(r"unsupported operation '([^']+)' at node '[^']*': (.*)", message)
+    if m:
+        return f"{m.group(1)}: " + " ".join(m.group(2).split()[:6])
+    return " ".join(message.split()[:8])
+
+
 def summarize(records: list[dict]) -> dict:
     """Counts, ops covered, violations and ratios over campaign records."""
     status: dict[str, int] = {}
@@ -808,8 +818,17 @@ def summarize(records: list[dict]) -> dict:
         for v in r.get("exact_ratios", {}).values():
             exact_worst = min(exact_worst, v)
         seconds += r.get("seconds", 0.0)
+    causes: dict[str, int] = {}
+    families: dict[str, int] = {}
+    for r in records:
+        families[r.get("family", "?")] = families.get(r.get("family", "?"), 0) + 1
+        if r.get("status") == "refused":
+            cause = refusal_cause(r.get("message", ""))
+            causes[cause] = causes.get(cause, 0) + 1
     return {
         "networks": len(records),
+        "families": dict(sorted(families.items())),
+        "refusals_by_cause": dict(sorted(causes.items(), key=lambda kv: -kv[1])),
         "status": status,
         "violations": sum(len(r.get("violations", [])) > 0 for r in records),
         "exit3_refusals": sum(r.get("status") == "soundness_error" for r in records),
