@@ -384,7 +384,7 @@ def check_case(seed: int, workdir, family: str | None = None) -> dict:
         if "lower bound" in str(exc):
             rec["violations"].append(f"lipverify raised SoundnessError: {exc}")
     except LipverifyError as exc:
-        rec["status"], rec["message"], cert = "refused", str(exc).split("\n")[0][:300], None
+        rec["status"], rec["message"], cert = "refused", str(exc)[:1000], None
     except Exception as exc:  # a crash is a finding
         rec["status"], rec["message"] = "crash", f"{type(exc).__name__}: {exc}"
         rec["traceback"] = traceback.format_exc()[-3000:]
