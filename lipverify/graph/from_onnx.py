@@ -520,6 +520,18 @@ class OnnxExtractor:
                 self.shapes[name] = self._sample_shape(name, op, node, check_type=name in used)
             except UnsupportedOperationError as exc:
                 problems.setdefault(node, exc)
+        for name, m in self.kinds.batch.items():  # the symbolic tracking must agree with every run
+            for b, values in self.runs:
+                v = values.get(name)
+                if v is None:
+                    continue
+                v = np.asarray(v)
+                first = np.asarray(self.values.get(name, v))
+                if v.shape != m.is_b.shape or (m.is_b.any() and not np.all(v[m.is_b] == b)) or (
+                        v.shape == first.shape and not np.array_equal(v[~m.depends], first[~m.depends])):
+                    op, node = self._producer_name(name)
+                    problems.setdefault(node, UnsupportedOperationError(
+                        op, node, f"could not follow how {name!r} depends on the batch size"))
         for name in self.kinds.consts:
             for _, values in self.runs[1:]:
                 v = values.get(name)
