@@ -120,6 +120,9 @@ def check_certificate(cert_path, model_path, input_shape=None, spec=None, activa
         raise UserInputError(f"{model_path}: no such model file")
     if data_path is not None and "data" not in cert:
         raise UserInputError("--data given but the certificate claims no results on data")
+    if cert.get("output") is not None and "data" in cert:
+        raise CertificateInvalid("the certificate bounds one output only (output "
+                                 f"{cert['output']}) but claims radii, which need the whole logit map")
 
     digest = sha256_file(model_path)
     if digest != cert["model"].get("sha256"):
@@ -156,7 +159,8 @@ def check_certificate(cert_path, model_path, input_shape=None, spec=None, activa
     if cert["method"] not in verified or headline != verified[cert["method"]] or headline != verified[best]:
         raise CertificateInvalid(f"certified_bound {headline!r} (method {cert['method']!r}) is not the smallest "
                                  f"verified value ({verified[best]!r}, method {best!r})")
-    report.passed("certified_bound", f"{headline:.6g} = the smallest verified bound ({cert['method']})")
+    what = f"of output {cert['output']} only" if cert.get("output") is not None else "of the whole output"
+    report.passed("certified_bound", f"{headline:.6g} = the smallest verified bound ({cert['method']}), {what}")
     _check_lower(cert, headline, report)
     data_ok = _check_data(cert, full_graph, loaded, data_path, ignore_data, report)
     _check_gates(cert, headline, data_ok, report)

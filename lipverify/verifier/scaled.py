@@ -195,6 +195,15 @@ def _per_channel(s: torch.Tensor) -> torch.Tensor | None:
     return flat[:, 0] if bool((flat == flat[:, :1]).all()) else None
 
 
+def _features(s: torch.Tensor) -> torch.Tensor | None:
+    """The per-feature vector of a scaling that is constant along every axis but the last (the axis a
+    Dense acts on), else None. Then S (I ⊗ W) S'^-1 = I ⊗ (diag(s) W diag(1/s'))."""
+    if s.dim() <= 1:
+        return s
+    flat = s.reshape(-1, s.shape[-1])
+    return flat[0] if bool((flat == flat[:1]).all()) else None
+
+
 def _max_ratio(num: torch.Tensor, den: torch.Tensor) -> float:
     """An upper bound on max(num / den) (entrywise), rounded up."""
     return up(up(float((num / den).max())) * (1 + 2 * EPS))
@@ -208,8 +217,9 @@ def _coarse(s_t: torch.Tensor, s_u: torch.Tensor) -> float:
 def _check_node(graph: Graph, node: Node, s_u: torch.Tensor, s_t: torch.Tensor, claimed: float) -> str:
     """Re-check ||S_t (n(x) - n(y))|| <= claimed ||S_u (x - y)||; returns the rule that passed."""
     op, in_shape = node.op, tuple(graph.in_shape(node))
-    if isinstance(op, Dense) and s_u.dim() == 1 and s_t.dim() == 1:
-        a = s_t[:, None] * op.weight.to(torch.float64) / s_u[None, :]
+    fu, ft = (_features(s_u), _features(s_t)) if isinstance(op, Dense) else (None, None)
+    if fu is not None and ft is not None:
+        a = ft[:, None] * op.weight.to(torch.float64) / fu[None, :]
         # the rescaling rounds each entry by <= 2 eps relative: ||dA|| <= 2 eps ||A||_F
         err = 3 * EPS * float(torch.linalg.matrix_norm(a, ord="fro"))
         if norm_at_most(a, claimed - err):
@@ -257,6 +267,9 @@ def _check_run(graph: Graph, names: list[str], full: dict[str, torch.Tensor]) ->
     for name in names:
         if name not in {n.name for n in graph.nodes} or not isinstance(graph.node(name).op, Dense):
             fail(f"layerwise: loop run {names}: {name} is not a dense node")
+        if _features(full[name]) is None or _features(full[graph.node(name).inputs[0]]) is None:
+            fail(f"layerwise: loop run {names}: the scalings around {name} vary along the axes the dense map "
+                 "does not act on")
     for prev_name, name in zip(names[:-1], names[1:]):
         node = graph.node(name)
         cur, act = node.inputs[0], None
@@ -345,12 +358,12 @@ def verify_layerwise(graph: Graph, value: float, witness: dict) -> str:
                 fail(f"layerwise: loop run for {node.name}: norms do not match the run")
             norms = [claim(x, f"layerwise: loop norm {k} at {node.name}") for k, x in enumerate(raw)]
             weights = [graph.node(n).op.weight.to(torch.float64) for n in names]
-            s_j = full[node.name]
+            s_j = _features(full[node.name])
             for k in range(len(names)):
                 prod = weights[-1]
                 for wk in reversed(weights[k:-1]):
                     prod = prod @ wk
-                s_in = full[graph.node(names[k]).inputs[0]]
+                s_in = _features(full[graph.node(names[k]).inputs[0]])
                 m = s_j[:, None] * prod / s_in[None, :]
                 err = _product_error(s_j, s_in, weights[k:]) + 3 * EPS * float(torch.linalg.matrix_norm(m, ord="fro"))
                 if not norm_at_most(m, norms[k] - err):
