@@ -209,6 +209,9 @@ def check(
         out.print(f"[green]✓[/] {step}: {detail}", highlight=False)
     for claim in report.unverified:
         out.print(f"[yellow]not verified[/] (--ignore-data): {claim}", highlight=False)
+    if report.informational:
+        out.print("[dim]not verified (they describe the run, not the model): "
+                  + ", ".join(report.informational) + "[/]", highlight=False)
     out.print("[bold green]VALID[/]: the certificate holds for this model file"
               + (" (results on data not verified)" if report.unverified else ""))
 

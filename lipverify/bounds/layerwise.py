@@ -239,17 +239,25 @@ def full_scaling(plan: Plan, vectors: dict[int, torch.Tensor], name: str,
     """The scaling of tensor ``name`` as a tensor of its per-sample shape (broadcast views allowed)."""
     if cache is not None and name in cache:
         return cache[name]
+    chain = [name]  # follow "same" links without recursion (a deep chain of activations is one long link)
+    while plan.tensors[chain[-1]].kind == "same" and not (cache is not None and chain[-1] in cache):
+        chain.append(plan.tensors[chain[-1]].parent)
+    if len(chain) > 1:
+        out = full_scaling(plan, vectors, chain[-1], cache)
+        if cache is not None:
+            cache.update({n: out for n in chain})
+        return out
     ts = plan.tensors[name]
     shape = tuple(plan.graph.shape_of(name))
-    if ts.kind == "same":
-        out = full_scaling(plan, vectors, ts.parent, cache)
-    elif ts.kind == "derived":
+    if ts.kind == "derived":
         parent = full_scaling(plan, vectors, ts.parent, cache)
         pshape = tuple(plan.graph.shape_of(ts.parent))
         out = plan.graph.node(name).op.apply(parent.expand(pshape)[None])[0]
     else:
         v = vectors[ts.cls]
-        if ts.kind == "channel":
+        if not shape:  # one number per sample
+            out = v.reshape(())
+        elif ts.kind == "channel":
             out = v.reshape((-1,) + (1,) * (len(shape) - 1)).expand(shape)
         else:
             out = v.reshape((1,) * (len(shape) - 1) + (-1,)).expand(shape)

@@ -607,6 +607,14 @@ class OnnxExtractor:
         output = self.resolve(self.output)
         if output == self.input_name:
             raise UserInputError("the model is the identity map; nothing to certify")
+        shape = self.shapes[output]
+        if 0 in shape:
+            raise UserInputError(f"the model output has shape {shape}: it is empty")
+        if shape == ():  # one number per sample: give it an axis (an isometry) so every method sees a vector
+            from lipverify.ops.shape import Reshape
+
+            self.nodes.append(Node(output + "::vector", Reshape((1,)), [output], (1,), "output as a vector"))
+            output += "::vector"
         return Graph(self.input_name, self.input_shape, self.nodes, output)
 
     def convert(self, node) -> None:

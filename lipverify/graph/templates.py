@@ -79,10 +79,14 @@ def _add(offset: float, terms: list) -> tuple:
     return ("add", o, tuple(flat))
 
 
+MAX_TEMPLATE_NODES = 32  # every template is far smaller; larger regions are not activations
+
+
 class Canonicalizer:
     def __init__(self, producer: dict, consts: dict):
         self.producer = producer
         self.consts = consts
+        self.visits = 0  # expressions are trees over a DAG: bound the work (x + x + ... doubles it per level)
 
     def scalar(self, name: str) -> float:
         v = np.asarray(self.consts[name])
@@ -97,6 +101,9 @@ class Canonicalizer:
             return ("const", self.scalar(name))
         node = self.producer.get(name)
         if node is None or node.op_type not in EXPANDABLE or node.domain not in ("", "ai.onnx"):
+            raise NoMatch
+        self.visits += 1
+        if self.visits > 4 * MAX_TEMPLATE_NODES:
             raise NoMatch
         cone.add(id(node))
         args = [self.expr(i, var, cone) for i in node.input]
@@ -277,6 +284,7 @@ def find_activation_regions(nodes: list, data: set, consts: dict, graph_outputs:
             continue
         for var in _cone_tensors(root, producer, data):
             cone: set[int] = set()
+            canon.visits = 0
             try:
                 e = canon.expr(root.output[0], var, cone)
             except NoMatch:
@@ -297,9 +305,9 @@ def find_activation_regions(nodes: list, data: set, consts: dict, graph_outputs:
 
 
 def _cone_tensors(root, producer: dict, data: set) -> list[str]:
-    """Data tensors feeding ``root`` through expandable nodes, nearest first."""
+    """Data tensors feeding ``root`` through expandable nodes, nearest first (at most a template's size)."""
     out, frontier, seen = [], [root], set()
-    while frontier:
+    while frontier and len(out) < MAX_TEMPLATE_NODES:
         nxt = []
         for n in frontier:
             for t in n.input:

@@ -130,21 +130,28 @@ def load_onnx(path: Path, input_shape=None) -> LoadedModel:
         raise UserInputError(f"{path}: the ONNX graph is empty (not a valid model file)")
     if not model.graph.output:
         raise UserInputError(f"{path}: the ONNX graph declares no output")
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
     data_files = {}
-    for init in model.graph.initializer:
-        for entry in init.external_data:
+    external = [t for t in _get_all_tensors(model) if uses_external_data(t)]  # initializers AND attribute tensors
+    for tensor in external:
+        for entry in tensor.external_data:
             if entry.key == "location" and entry.value not in data_files:
-                f = path.parent / entry.value
+                f = (path.parent / entry.value).resolve()
+                if path.parent.resolve() not in f.parents:
+                    raise UserInputError(f"{path}: external data file {entry.value!r} lies outside the model's folder")
                 if not f.is_file():
                     raise UserInputError(f"{path}: external data file {entry.value!r} is missing; keep the .onnx "
                                          "file and its data file(s) together")
                 data_files[entry.value] = sha256_file(f)
     try:
-        if data_files:
+        if external:
             onnx.load_external_data_for_model(model, str(path.parent))
     except Exception as exc:
         raise UserInputError(f"{path}: could not read its external data ({type(exc).__name__}: {exc})"
                              .split("\n")[0]) from exc
+    if any(uses_external_data(t) for t in _get_all_tensors(model)):
+        raise UserInputError(f"{path}: some external data could not be loaded from the model's folder")
     check_finite_initializers(model)
     from lipverify.graph.from_onnx import input_dtype, input_layout
 

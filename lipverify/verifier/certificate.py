@@ -38,6 +38,7 @@ class CertificateInvalid(Exception):
 class CheckReport:
     steps: list[tuple[str, str]] = field(default_factory=list)  # (step, outcome)
     unverified: list[str] = field(default_factory=list)  # claims that were not checked (--ignore-data)
+    informational: list[str] = field(default_factory=list)  # entries describing the run, not verified
 
     def passed(self, step: str, detail: str = "ok") -> None:
         self.steps.append((step, detail))
@@ -164,6 +165,7 @@ def check_certificate(cert_path, model_path, input_shape=None, spec=None, activa
     _check_lower(cert, headline, report)
     data_ok = _check_data(cert, full_graph, loaded, data_path, ignore_data, report)
     _check_gates(cert, headline, data_ok, report)
+    report.informational = [k for k in INFORMATIONAL if k.split("[")[0].split(".")[0] in cert]
     return report
 
 
@@ -201,6 +203,34 @@ def _check_gates(cert: dict, headline: float, data_ok: bool, report: CheckReport
         report.passed(f"gate {name}", f"{'passed' if gate.get('passed') else 'failed'} (recomputed)")
 
 
+def _data_spec(claimed: dict, data_path):
+    """How the certificate says the data were read, validated field by field."""
+    from lipverify.data import DataSpec
+
+    options = claimed.get("spec")
+    if not isinstance(options, dict):
+        raise CertificateInvalid("data: the entry saying how the data were read (spec) is missing or malformed")
+    kinds = {"x_key": str, "y_key": str, "label_column": str, "transform": (str, type(None)),
+             "limit": (int, type(None)), "seed": int, "batch_size": int}
+    if set(options) - set(kinds):
+        raise CertificateInvalid(f"data: unknown spec entries {sorted(set(options) - set(kinds))}")
+    for key, kind in kinds.items():
+        v = options.get(key)
+        if key in options and (isinstance(v, bool) or not isinstance(v, kind)):
+            raise CertificateInvalid(f"data: spec.{key} = {v!r} is malformed")
+    if (options.get("limit") is not None and options["limit"] < 1) or options.get("seed", 0) < 0 or \
+            options.get("batch_size", 1) < 1:
+        raise CertificateInvalid("data: spec.limit, seed or batch_size out of range")
+    return DataSpec(path=str(data_path), **options)
+
+
+# Parts of a certificate that describe the run but are not numbers about the model: `check` lists them as
+# not verified instead of calling them valid.
+INFORMATIONAL = ("timings", "versions", "self_check", "notes", "verification", "device", "method_reason",
+                 "methods[*].seconds", "methods[*].check", "methods[*].info", "methods[*].layers", "layers (per-layer table)",
+                 "data.pgd_check", "data.seconds", "data.pairwise_methods")
+
+
 def _check_data(cert: dict, graph, loaded, data_path, ignore_data: bool, report: CheckReport) -> bool:
     """Recompute the results on data; True when they were verified."""
     claimed = cert.get("data")
@@ -218,15 +248,14 @@ def _check_data(cert: dict, graph, loaded, data_path, ignore_data: bool, report:
 
     if data_sha256(data_path) != claimed.get("sha256"):
         raise CertificateInvalid(f"the data file {data_path} is not the one the certificate was made with (sha256)")
-    options = claimed.get("spec") or {}
-    if not isinstance(options, dict):
-        raise CertificateInvalid("the data entry's spec is malformed")
-    try:
-        spec = DataSpec(path=str(data_path), **{k: options[k] for k in ("x_key", "y_key", "label_column", "transform",
-                                                                          "limit", "seed", "batch_size") if k in options})
-        eps = [_number(e, "eps") for e in claimed.get("eps", [])]
-    except TypeError as exc:
-        raise CertificateInvalid(f"the data entry is malformed ({exc})")
+    spec = _data_spec(claimed, data_path)
+    eps = claimed.get("eps")
+    if not isinstance(eps, list) or not eps:
+        raise CertificateInvalid("data: the radii (eps) are missing or malformed")
+    eps = [_number(e, "eps") for e in eps]
+    report.passed("data file", f"sha256 matches; read with x_key={spec.x_key!r}, y_key={spec.y_key!r}, "
+                  f"label_column={spec.label_column!r}, transform={spec.transform!r}, limit={spec.limit}, "
+                  f"seed={spec.seed} (as the certificate says: check these are the data you mean)")
     L_global = _number(claimed.get("L_global"), "data: L_global")
     if L_global != cert["certified_bound"]:
         raise CertificateInvalid("data: the global bound used for the radii is not the certified bound")
@@ -236,6 +265,9 @@ def _check_data(cert: dict, graph, loaded, data_path, ignore_data: bool, report:
         certs = claimed.get("pairwise_certificates")
         if not isinstance(certs, dict):
             raise CertificateInvalid("data: pairwise bounds are claimed without their certificates")
+        rows = claimed["L_pairwise"]
+        if not isinstance(rows, list) or len(rows) != c or not all(isinstance(r, list) and len(r) == c for r in rows):
+            raise CertificateInvalid(f"data: L_pairwise must be a {c} x {c} matrix")
         L_pair = np.full((c, c), np.inf)
         np.fill_diagonal(L_pair, 0.0)
         for i in range(c):
@@ -244,8 +276,7 @@ def _check_data(cert: dict, graph, loaded, data_path, ignore_data: bool, report:
                 if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
                     raise CertificateInvalid(f"data: no certificate for the class pair ({i}, {j})")
                 value, _ = _verify_entry(pairwise_difference(graph, i, j), entry["method"], entry)
-                row = claimed["L_pairwise"][i][j] if i < len(claimed["L_pairwise"]) else None
-                if row != value:
+                if rows[i][j] != value or rows[j][i] != value:
                     raise CertificateInvalid(f"data: L_pairwise[{i}][{j}] differs from its verified certificate")
                 L_pair[i, j] = L_pair[j, i] = value
         report.passed("pairwise bounds", f"{c * (c - 1) // 2} class-pair certificates re-checked")
@@ -259,6 +290,12 @@ def _check_data(cert: dict, graph, loaded, data_path, ignore_data: bool, report:
     tol = LOGIT_REL_TOL * (1.0 + float(np.abs(f).max()))
     result = compute_radii(f, labels, L_global, L_pair, eps, index=sample_indices(spec), logit_tol=tol)
     mine = summarize(result, eps)
+    if claimed.get("logit_tolerance") != tol:
+        raise CertificateInvalid(f"data: logit tolerance {claimed.get('logit_tolerance')!r}, recomputed {tol!r}")
+    if claimed.get("curve") != mine["curve"]:
+        raise CertificateInvalid("data: the certified-accuracy curve differs from the recomputed one")
+    if claimed.get("form") != mine["form"]:
+        raise CertificateInvalid(f"data: radius form {claimed.get('form')!r}, recomputed {mine['form']!r}")
     for key in ("n", "n_ties", "n_misclassified"):
         if claimed.get(key) != mine[key]:
             raise CertificateInvalid(f"data: {key} = {claimed.get(key)!r}, recomputed {mine[key]!r}")
@@ -272,10 +309,9 @@ def _check_data(cert: dict, graph, loaded, data_path, ignore_data: bool, report:
         if _number(value, f"data: certified accuracy at {key}") > mine["certified_accuracy"][key]:
             raise CertificateInvalid(f"data: certified accuracy at eps {key} is claimed as {value!r}, verified "
                                      f"{mine['certified_accuracy'][key]!r}")
-    for key, value in (claimed.get("radius_quantiles") or {}).items():
-        ours = mine["radius_quantiles"].get(key)
-        if value is not None and (ours is None or _number(value, f"data: radius {key}") > ours * (1 + 1e-12)):
-            raise CertificateInvalid(f"data: radius {key} is claimed as {value!r}, verified {ours!r}")
+    if claimed.get("radius_quantiles") != mine["radius_quantiles"]:
+        raise CertificateInvalid(f"data: radius quantiles {claimed.get('radius_quantiles')!r}, recomputed "
+                                 f"{mine['radius_quantiles']!r}")
     report.passed("results on data", f"{mine['n']} samples: clean accuracy and certified accuracy at "
                   f"{', '.join(claimed_acc)} recomputed from the model file ({mine['form']} radii)")
     return True

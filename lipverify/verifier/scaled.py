@@ -139,43 +139,45 @@ def _rebuild_scalings(graph: Graph, witness: dict) -> dict[str, torch.Tensor]:
             fail(f"layerwise: scaling class {key!r} is not an integer")
         vectors[k] = claim_vector(values, f"layerwise: scaling class {key}", positive=True)
     full: dict[str, torch.Tensor] = {}
-    visiting: set[str] = set()
 
     def get(name: str) -> torch.Tensor:
+        """Tensors are visited in graph order, so a parent is always built before its children."""
         if name in full:
             return full[name]
-        if name not in spec or not isinstance(spec[name], dict) or name in visiting:
-            fail(f"layerwise: no (or a circular) scaling for tensor {name}")
-        visiting.add(name)
+        if name not in spec or not isinstance(spec[name], dict):
+            fail(f"layerwise: no scaling for tensor {name} (or its parent comes after it)")
         entry = spec[name]
         shape = tuple(graph.shape_of(name))
         kind = entry.get("kind")
         only_keys(entry, {"kind", "parent"} if kind in ("same", "derived") else {"kind", "class"},
                   f"layerwise: scaling of {name}")
         if kind == "same":
-            out = get(entry.get("parent"))
+            parent = entry.get("parent")
+            if parent not in full:
+                fail(f"layerwise: the scaling of {name} copies {parent!r}, which is not an earlier tensor")
+            out = full[parent]
         elif kind == "derived":
             node = graph.node(name)
             if node.inputs != [entry.get("parent")] or not isinstance(node.op, (Reshape, Transpose, Slice)):
                 fail(f"layerwise: scaling of {name} is derived through a node that is not a permutation/projection")
             with torch.no_grad():
-                out = node.op.apply(get(entry["parent"])[None])[0]
+                out = node.op.apply(full[entry["parent"]][None])[0]
         elif kind in ("channel", "last"):
             cls = entry.get("class")
             if isinstance(cls, bool) or not isinstance(cls, int) or cls not in vectors:
                 fail(f"layerwise: scaling of {name} names an unknown class {cls!r}")
             v = vectors[cls]
-            size = shape[0] if kind == "channel" else shape[-1]
-            if not shape or v.numel() != size:
+            size = (shape[0] if kind == "channel" else shape[-1]) if shape else 1
+            if v.numel() != size:
                 fail(f"layerwise: scaling class of {name} has {v.numel()} entries for {size}")
-            view = (-1,) + (1,) * (len(shape) - 1) if kind == "channel" else (1,) * (len(shape) - 1) + (-1,)
+            view = () if not shape else (-1,) + (1,) * (len(shape) - 1) if kind == "channel" else \
+                (1,) * (len(shape) - 1) + (-1,)
             out = v.reshape(view).expand(shape).contiguous()
         else:
             fail(f"layerwise: unknown scaling kind {kind!r} for {name}")
         if tuple(out.shape) != shape:
             fail(f"layerwise: scaling of {name} has shape {tuple(out.shape)}, the tensor has {shape}")
         full[name] = out
-        visiting.discard(name)
         return out
 
     for name in [graph.input_name] + [n.name for n in graph.nodes]:
