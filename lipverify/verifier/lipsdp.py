@@ -82,11 +82,10 @@ def _chol(a):
     return None if int(info) != 0 else L
 
 
-def lmi_holds(ws, sl, T, rho) -> tuple[bool, str]:
-    """Block-Cholesky proof that A(rho, T) >= 0 (see the module docstring)."""
+def row_scales(ws, sl, T, rho) -> list:
+    """Per block, the row scale s with |A_ij| <= sqrt(s_i s_j) (rho only enters block 0 as rho)."""
     l = len(ws) - 1
     ns = [ws[0].shape[1]] + [w.shape[0] for w in ws[:-1]]
-    D, C = _blocks(ws, sl, T, rho)
     scl = []
     for k in range(l + 1):
         sk = torch.full((ns[k],), rho, dtype=torch.float64) if k == 0 else 2.0 * T[k - 1]
@@ -96,8 +95,21 @@ def lmi_holds(ws, sl, T, rho) -> tuple[bool, str]:
         if k == l:
             sk = sk + (ws[l] ** 2).sum(0)
         scl.append(sk)
-    n = sum(ns)
-    rel = max(MARGIN_REL, 2.0 * n * n * EPS)
+    return scl
+
+
+def shift_rel(n: int) -> float:
+    """delta: the relative diagonal shift that covers every rounding error (module docstring)."""
+    return max(MARGIN_REL, 2.0 * n * n * EPS)
+
+
+def lmi_holds(ws, sl, T, rho) -> tuple[bool, str]:
+    """Block-Cholesky proof that A(rho, T) >= 0 (see the module docstring)."""
+    l = len(ws) - 1
+    ns = [ws[0].shape[1]] + [w.shape[0] for w in ws[:-1]]
+    D, C = _blocks(ws, sl, T, rho)
+    scl = row_scales(ws, sl, T, rho)
+    rel = shift_rel(sum(ns))
     X = None
     for k in range(l + 1):
         s = D[k] - torch.diag(rel * scl[k])
