@@ -208,10 +208,11 @@ def _trsm(L, B):
 # verification (no solver involved)
 # --------------------------------------------------------------------------------------------
 
-def verify_lipsdp(weights, slopes, T, rho):
+def verify_lipsdp(weights, slopes, T, rho, magnitudes=None, product_depth=0):
     """(ok, detail): the trusted block-Cholesky check of ``lipverify.verifier.lipsdp`` on (rho, T).
 
-    Also requires finite rho > 0 and T >= 0 elementwise (the S-procedure needs T >= 0)."""
+    Also requires finite rho > 0 and T >= 0 elementwise (the S-procedure needs T >= 0).
+    ``magnitudes``/``product_depth``: as derived by the verifier's ``dense_chain`` (merged weights)."""
     from lipverify.verifier.lipsdp import lmi_holds
 
     try:
@@ -230,14 +231,15 @@ def verify_lipsdp(weights, slopes, T, rho):
             return False, f"T[{k}] has {t.shape[0]} entries, layer has {ns[k + 1]}"
         if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
             return False, f"T[{k}] must be finite and >= 0"
-    return lmi_holds(ws, sl, T, rho)
+    mags = None if magnitudes is None else [_tt(m) for m in magnitudes]
+    return lmi_holds(ws, sl, T, rho, mags, product_depth)
 
 
 # --------------------------------------------------------------------------------------------
 # repair: smallest rho for a fixed T
 # --------------------------------------------------------------------------------------------
 
-def rho_for_T(weights, slopes, T, shift: float = 0.0):
+def rho_for_T(weights, slopes, T, shift: float = 0.0, magnitudes=None):
     """Smallest rho with A(rho, T) - shift diag(s(rho)) >= 0 (floating point), or inf when no rho works.
 
     ``s`` are the verifier's row scales (``lipverify.verifier.lipsdp.row_scales``), so with its
@@ -254,7 +256,8 @@ def rho_for_T(weights, slopes, T, shift: float = 0.0):
     if any(bool((t < 0).any()) or not bool(torch.isfinite(t).all()) for t in T):
         return math.inf
     D, C = _blocks(ws, sl, T, 1.0)
-    scl = row_scales(ws, sl, T, 0.0) if shift else None
+    mags = None if magnitudes is None else [_tt(m) for m in magnitudes]
+    scl = row_scales(ws, sl, T, 0.0, mags) if shift else None
     if shift:
         D = [d if k == 0 else d - torch.diag(shift * scl[k]) for k, d in enumerate(D)]
     Sig = D[l]
@@ -280,18 +283,18 @@ def rho_for_T(weights, slopes, T, shift: float = 0.0):
     return max(lam, 0.0)
 
 
-def repair(weights, slopes, T, max_tries=40):
+def repair(weights, slopes, T, max_tries=40, magnitudes=None, product_depth=0):
     """Smallest rho (the verifier's threshold, bumped by 1e-12.. relative) that verify_lipsdp accepts; inf if none."""
     from lipverify.verifier.lipsdp import shift_rel
 
-    rho = rho_for_T(weights, slopes, T, shift=shift_rel(sum(dims(weights))))
+    rho = rho_for_T(weights, slopes, T, shift=shift_rel(sum(dims(weights)), product_depth), magnitudes=magnitudes)
     if not np.isfinite(rho):
         return math.inf
     base = max(rho, 1e-300)
     bump = 1e-12
     for _ in range(max_tries):
         cand = base * (1 + bump) + 1e-300
-        if verify_lipsdp(weights, slopes, T, cand)[0]:
+        if verify_lipsdp(weights, slopes, T, cand, magnitudes, product_depth)[0]:
             return cand
         bump *= 4
         if bump > 1e6:
@@ -345,14 +348,16 @@ def start_multipliers(ws, sl, device="cpu") -> list:
 
 
 def lipsdp(weights, slopes, mode="neuron", *, solver="fast", device="cpu", time_budget_s=None, tol=1e-6,
-           max_steps=None, verbose=False) -> LipSDPResult:
+           max_steps=None, certify_on=None, verbose=False) -> LipSDPResult:
     """Certified LipSDP bound (Neuron or Layer multipliers) on the L2 Lipschitz constant of a dense chain.
 
     ``weights``: [W_0, .., W_l] (out, in); ``slopes``: one (alpha, beta) for all hidden layers or one
     per hidden layer. Output selection (one logit, a logit difference) is the caller's modified W_l.
     ``solver="fast"``: the structured interior-point method (lipsdp_ipm); ``"cvxpy"``/``"cvxpy-scs"``:
     the readable reference. ``time_budget_s`` is the user's explicit budget (the result then says
-    that it was cut). The returned ``value`` is always from a verified (rho, T).
+    that it was cut). ``certify_on``: the trusted verifier's ``DenseChain`` of the same network
+    (weights re-derived independently, with magnitude bounds): repair and verification then target
+    exactly what ``lipverify check`` will test. The returned ``value`` is always from a verified (rho, T).
     """
     if mode not in ("neuron", "layer"):
         raise ValueError(f"mode must be 'neuron' or 'layer', got {mode!r}")
@@ -361,10 +366,10 @@ def lipsdp(weights, slopes, mode="neuron", *, solver="fast", device="cpu", time_
         return lipsdp_cvxpy(weights, slopes, mode=mode)
     if solver != "fast":
         raise ValueError(f"unknown solver {solver!r}")
-    return _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_steps, verbose)
+    return _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_steps, certify_on, verbose)
 
 
-def _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_steps, verbose):
+def _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_steps, certify_on, verbose):
     from lipverify.bounds.lipsdp_blocks import Chain
     from lipverify.bounds.lipsdp_ipm import MAX_NEWTON_STEPS, solve
 
@@ -376,19 +381,44 @@ def _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_st
     rep = solve(chain, mode, [torch.as_tensor(t) for t in T0], tol=tol, max_steps=max_steps or MAX_NEWTON_STEPS,
                 deadline=deadline, verbose=verbose)
     T = [t.detach().cpu().numpy().astype(np.float64) for t in rep.T]
-    rho = repair(ws, sl, T)
+    target = _Target.of(ws, sl, certify_on)
+    rho = target.repair(T)
     stop = rep.stop
     if not np.isfinite(rho):  # cannot happen for a strictly feasible solver point; the start is always certifiable
-        T, rho = T0, repair(ws, sl, T0)
+        T, rho = T0, target.repair(T0)
         stop += "; its multipliers failed verification, the starting point's were certified instead"
         if not np.isfinite(rho):
             raise RuntimeError("no verified multiplier found (numerically degenerate weights?)")
     info = {"newton_steps": rep.newton_steps, "predictor_steps": rep.predictor_steps, "device": str(chain.device)}
-    return _finish(ws, sl, mode, T, rho, rep.rho, t0, converged=rep.converged, stop=stop, dual=rep.dual, info=info)
+    return _finish(target, mode, T, rho, rep.rho, t0, converged=rep.converged, stop=stop, dual=rep.dual, info=info)
 
 
-def _finish(ws, sl, mode, T, rho, raw_rho, t0, *, converged, stop, dual=-math.inf, info=None, solver="fast"):
-    ok, msg = verify_lipsdp(ws, sl, T, rho)
+@dataclass
+class _Target:
+    """What repair and verification run on: the solver's own weights, or the verifier's chain."""
+
+    ws: list
+    sl: list
+    magnitudes: list | None = None
+    product_depth: int = 0
+
+    @classmethod
+    def of(cls, ws, sl, certify_on):
+        if certify_on is None:
+            return cls(ws, sl)
+        return cls([_tt(w) for w in certify_on.weights], list(certify_on.slopes), certify_on.magnitudes,
+                   certify_on.product_depth)
+
+    def repair(self, T):
+        return repair(self.ws, self.sl, T, magnitudes=self.magnitudes, product_depth=self.product_depth)
+
+    def verify(self, T, rho):
+        return verify_lipsdp(self.ws, self.sl, T, rho, self.magnitudes, self.product_depth)
+
+
+def _finish(target, mode, T, rho, raw_rho, t0, *, converged, stop, dual=-math.inf, info=None, solver="fast"):
+    ws, sl = target.ws, target.sl
+    ok, msg = target.verify(T, rho)
     assert ok, msg  # repair only returns verified rho
     n = sum(dims(ws))
     viol = lmi_violation(ws, sl, T, raw_rho) if n <= 600 and np.isfinite(raw_rho) else float("nan")
