@@ -222,3 +222,47 @@ def test_cvxpy_plain_and_loop_forms_certify_the_same_value():
         assert r.solver == "cvxpy-scs" and verify_lipsdp(ws, sl, r.T, r.rho)[0]
     via_api = lipsdp(ws, sl, "layer", solver="cvxpy")
     assert via_api.solver == "cvxpy-scs" and via_api.value >= fast.value * (1 - 1e-6)
+
+
+# ----------------------------------------------------------------------------- what happened
+
+def test_convergence_is_reported_with_a_duality_gap():
+    rng = np.random.default_rng(11)
+    ws = _rand_net(rng, [12, 20, 20, 20, 4], 2.0)
+    r = lipsdp(ws, (0, 1))
+    assert r.converged and "relative duality gap" in r.stop
+    assert 0 <= r.gap <= 1e-4  # the verified rho against the dual bound (repair adds a little)
+    assert r.dual_value <= r.value
+    assert r.info["newton_steps"] > 0
+    cut = lipsdp(ws, (0, 1), max_steps=2)
+    assert not cut.converged and "iteration limit" in cut.stop
+    assert cut.value >= r.value * (1 - 1e-9)  # still a verified bound
+    budget = lipsdp(ws, (0, 1), time_budget_s=0.0)
+    assert not budget.converged and "cut by the time budget" in budget.stop
+    assert verify_lipsdp(ws, (0, 1), budget.T, budget.rho)[0]
+
+
+def test_method_entry_and_table_say_what_happened():
+    from lipverify.bounds import BoundContext, get_method
+    from lipverify.graph.ir import Graph, Node
+    from lipverify.ops.activation import ReLU
+    from lipverify.ops.dense import Dense
+    from lipverify.report.table import solver_status
+
+    rng = np.random.default_rng(12)
+    ws = _rand_net(rng, [6, 9, 9, 3], 2.0)
+    g = Graph("x", (6,))
+    prev = "x"
+    for k, w in enumerate(ws):
+        g.nodes.append(Node(f"d{k}", Dense(torch.as_tensor(w)), [prev], (w.shape[0],)))
+        prev = f"d{k}"
+        if k < len(ws) - 1:
+            g.nodes.append(Node(f"a{k}", ReLU(), [prev], (w.shape[0],)))
+            prev = f"a{k}"
+    g.output = prev
+    full = get_method("lipsdp-neuron").run(g, BoundContext())
+    assert full.solver["converged"] and full.solver["duality_gap"] <= 1e-4
+    assert solver_status(full.solver).startswith("(converged")
+    cut = get_method("lipsdp-neuron").run(g, BoundContext(budget_s=0.0))
+    assert not cut.solver["converged"] and "cut by the time budget" in solver_status(cut.solver)
+    assert any("not converged" in n for n in cut.notes)
