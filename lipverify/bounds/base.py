@@ -73,8 +73,15 @@ class BoundMethod:
         """A reason this method cannot bound ``graph``, or None."""
         return None
 
+    # what pairwise radii use instead when ``fits_pairs`` says no
+    pair_fallback: str | None = None
+
     def fits_auto(self, graph: Graph, device: str = "cpu") -> bool:
         """Whether ``auto`` runs this method (a rule on the network's sizes, never on measured time)."""
+        return True
+
+    def fits_pairs(self, graph: Graph, n_problems: int, device: str = "cpu") -> bool:
+        """Whether pairwise radii run this method on all ``n_problems`` logit differences (a rule on sizes)."""
         return True
 
     def run(self, graph: Graph, ctx: BoundContext) -> BoundResult:  # pragma: no cover - abstract

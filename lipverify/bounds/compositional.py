@@ -26,10 +26,11 @@ from lipverify.graph.ir import Graph
 from lipverify.norms.margin import inflate
 
 
-def certify_compositional(weights, slopes, trusted, device="cpu") -> tuple[float, float, list[float], str]:
+def certify_compositional(weights, slopes, trusted, device="cpu", cache=None) -> tuple[float, float, list[float], str]:
     """(certified L, verified rho, per-layer multipliers, check) for a dense chain; ``trusted`` is the
-    verifier's ``DenseChain`` of the same network (repair and verification run on it)."""
-    t_values, _ = compositional(weights, slopes, device)
+    verifier's ``DenseChain`` of the same network (repair and verification run on it); ``cache``
+    shares the hidden-layer pass between graphs that differ only in their last layer."""
+    t_values, _ = compositional(weights, slopes, device, cache)
     T = [np.full(w.shape[0], t) for w, t in zip(trusted.weights[:-1], t_values)]
     ws = [w for w in trusted.weights]
     rho = repair(ws, trusted.slopes, T, magnitudes=trusted.magnitudes, product_depth=trusted.product_depth)
@@ -57,7 +58,8 @@ class Compositional(BoundMethod):
 
         start = time.perf_counter()
         weights, slopes = chain_of(graph)
-        value, rho, t_values, check = certify_compositional(weights, slopes, trusted_chain(graph), ctx.device)
+        value, rho, t_values, check = certify_compositional(weights, slopes, trusted_chain(graph), ctx.device,
+                                                            ctx.cache.setdefault("compositional", {}))
         seconds = time.perf_counter() - start
         factors = layer_factors(graph, ctx)
         return BoundResult(

@@ -40,16 +40,42 @@ def slope_u(alpha: float, beta: float) -> float:
     return 1.0 / (2.0 * d * (abs(c) + d))
 
 
-def compositional(weights, slopes, device="cpu") -> tuple[list[float], float]:
-    """(lambdas, rho): T_k = lambda_k I and rho with A(rho, T) >= 0 up to rounding (rho = rho*(T)).
+def compositional(weights, slopes, device="cpu", cache: dict | None = None) -> tuple[list[float], float]:
+    """(t, rho): multipliers T_k = t_k I and rho with A(rho, T) >= 0 up to rounding (rho = rho*(T)).
 
-    ``weights`` [W_0..W_l] (out, in), ``slopes`` one (alpha, beta) per hidden layer. Raises
-    ValueError when a Schur complement is not positive definite in floating point (degenerate
-    weights, e.g. a zero layer)."""
+    ``weights`` [W_0..W_l] (out, in), ``slopes`` one (alpha, beta) per hidden layer. The forward pass
+    over the hidden layers does not involve W_l: with a ``cache`` (keyed by the hidden layers) every
+    last layer (e.g. the C(C-1)/2 logit differences of pairwise radii) reuses it and costs one
+    triangular solve. Raises ValueError when a Schur complement is not positive definite in floating
+    point (degenerate weights, e.g. a zero layer)."""
+    key = _hidden_key(weights, slopes)
+    if cache is not None and key in cache:
+        lambdas, L = cache[key]
+    else:
+        lambdas, L = _forward(weights, slopes, device)
+        if cache is not None:
+            cache[key] = (lambdas, L)
+    Wl = torch.as_tensor(weights[-1]).to(device=L.device, dtype=F64)
+    Y = torch.linalg.solve_triangular(L, Wl.T, upper=False)  # L^{-1} W_l^T: ||W_l L^{-T}||^2
+    rho = float(torch.linalg.matrix_norm(Y, 2)) ** 2
+    return [rho * lam for lam in lambdas], rho
+
+
+def _hidden_key(weights, slopes) -> str:
+    import hashlib
+
+    h = hashlib.sha1(repr([tuple(s) for s in slopes]).encode())
+    for w in weights[:-1]:
+        h.update(torch.as_tensor(w).detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _forward(weights, slopes, device):
+    """The recursion over the hidden layers: lambdas (at rho = 1) and the Cholesky factor of P_l."""
     dev = torch.device(device)
-    ws = [torch.as_tensor(w).to(device=dev, dtype=F64) for w in weights]
+    ws = [torch.as_tensor(w).to(device=dev, dtype=F64) for w in weights[:-1]]
     ws[0] = reduce_input(ws[0])
-    l = len(ws) - 1
+    l = len(ws)
     P = torch.eye(ws[0].shape[1], dtype=F64, device=dev)
     lambdas = []
     for k in range(l):
@@ -74,10 +100,7 @@ def compositional(weights, slopes, device="cpu") -> tuple[list[float], float]:
             G = B
         P = 2.0 * lam * eye - (s * lam) ** 2 * G
         lambdas.append(lam)
-    L = _chol(P, l)
-    Y = torch.linalg.solve_triangular(L, ws[l].T, upper=False)  # L^{-1} W_l^T: ||W_l L^{-T}||^2
-    rho = float(torch.linalg.matrix_norm(Y, 2)) ** 2
-    return [rho * lam for lam in lambdas], rho
+    return lambdas, _chol(P, l)
 
 
 def _chol(P, k):

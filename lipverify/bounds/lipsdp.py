@@ -12,7 +12,10 @@ multipliers are repaired against the weights the trusted verifier re-derives its
 
 from __future__ import annotations
 
+import hashlib
 import time
+
+import numpy as np
 
 from lipverify.bounds import register
 from lipverify.bounds.base import BoundContext, BoundMethod, BoundResult
@@ -48,6 +51,18 @@ def chain_of(graph: Graph):
     return cached[1]
 
 
+PAIR_WARM_GAP = 0.3  # a related problem's path point (recorded at this relative gap) warm-starts the next
+
+
+def hidden_key(weights, slopes, mode: str) -> str:
+    """Identifies the hidden layers (all weights but the last, slopes) and the multiplier mode:
+    graphs that differ only in their last layer (pairwise logit differences) share it."""
+    h = hashlib.sha1(f"{mode}|{slopes!r}".encode())
+    for w in weights[:-1]:
+        h.update(np.ascontiguousarray(w).tobytes())
+    return h.hexdigest()
+
+
 def solver_summary(res) -> dict:
     """The 'say what happened' part of a method's JSON entry."""
     out = {"converged": bool(res.converged), "stop": res.stop, "solver": res.solver}
@@ -55,24 +70,31 @@ def solver_summary(res) -> dict:
         out["duality_gap"] = res.gap
     if res.dual_value is not None:
         out["sdp_lower"] = res.dual_value
-    out.update({k: v for k, v in res.info.items() if k in ("newton_steps", "predictor_steps", "device", "status")})
+    out.update({k: v for k, v in res.info.items()
+                if k in ("newton_steps", "predictor_steps", "device", "status", "warm_start")})
     return out
 
 
 class _LipSDP(BoundMethod):
     mode = "neuron"
+    pair_fallback = "compositional"
 
     def not_applicable(self, graph: Graph) -> str | None:
         chain = chain_of(graph)
         return chain if isinstance(chain, str) else None
 
     def fits_auto(self, graph: Graph, device: str = "cpu") -> bool:
+        return self.fits_pairs(graph, 1, device)
+
+    def fits_pairs(self, graph: Graph, n_problems: int, device: str = "cpu") -> bool:
+        """Whether ``n_problems`` solves on this chain fit the work rule (pairwise radii: C(C-1)/2)."""
         chain = chain_of(graph)
         if isinstance(chain, str):
             return False
         weights = chain[0]
         widths = [min(weights[0].shape)] + [w.shape[0] for w in weights[:-1]]
-        return newton_step_flops(widths) * TYPICAL_NEWTON_STEPS <= AUTO_MAX_FLOPS.get(device, AUTO_MAX_FLOPS["cpu"])
+        work = n_problems * newton_step_flops(widths) * TYPICAL_NEWTON_STEPS
+        return work <= AUTO_MAX_FLOPS.get(device, AUTO_MAX_FLOPS["cpu"])
 
     def run(self, graph: Graph, ctx: BoundContext) -> BoundResult:
         from lipverify.verifier.lipsdp import dense_chain as trusted_chain
@@ -81,8 +103,18 @@ class _LipSDP(BoundMethod):
         weights, slopes = chain_of(graph)
         solver = ctx.options.get("lipsdp_solver", "fast")
         tol = float(ctx.options.get("lipsdp_tol", 1e-6))
+        # a path point of an earlier solve on the same hidden layers (the whole output) warm-starts this
+        # one: scaled by 2 it is strictly feasible for any logit difference, since (e_i - e_j)(e_i - e_j)^T <= 2 I
+        paths = ctx.cache.setdefault("lipsdp-paths", {})
+        key = hidden_key(weights, slopes, self.mode)
+        warm = None
+        if key in paths and solver == "fast":
+            T_ck, tau_ck = paths[key]
+            warm = ([2.0 * t for t in T_ck], tau_ck / 2.0)
         res = lipsdp(weights, slopes, self.mode, solver=solver, device=ctx.device, time_budget_s=ctx.budget_s,
-                     tol=tol, certify_on=trusted_chain(graph))
+                     tol=tol, certify_on=trusted_chain(graph), warm_start=warm, checkpoint_gap=PAIR_WARM_GAP)
+        if key not in paths and "checkpoint" in res.info:
+            paths[key] = res.info["checkpoint"]
         factors = layer_factors(graph, ctx)
         notes = []
         if res.raw_violation > 0:

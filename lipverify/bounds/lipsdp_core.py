@@ -348,7 +348,7 @@ def start_multipliers(ws, sl, device="cpu") -> list:
 
 
 def lipsdp(weights, slopes, mode="neuron", *, solver="fast", device="cpu", time_budget_s=None, tol=1e-6,
-           max_steps=None, certify_on=None, verbose=False) -> LipSDPResult:
+           max_steps=None, certify_on=None, warm_start=None, checkpoint_gap=0.0, verbose=False) -> LipSDPResult:
     """Certified LipSDP bound (Neuron or Layer multipliers) on the L2 Lipschitz constant of a dense chain.
 
     ``weights``: [W_0, .., W_l] (out, in); ``slopes``: one (alpha, beta) for all hidden layers or one
@@ -357,7 +357,10 @@ def lipsdp(weights, slopes, mode="neuron", *, solver="fast", device="cpu", time_
     the readable reference. ``time_budget_s`` is the user's explicit budget (the result then says
     that it was cut). ``certify_on``: the trusted verifier's ``DenseChain`` of the same network
     (weights re-derived independently, with magnitude bounds): repair and verification then target
-    exactly what ``lipverify check`` will test. The returned ``value`` is always from a verified (rho, T).
+    exactly what ``lipverify check`` will test. ``warm_start``: (T, tau), a strictly feasible point
+    and its barrier parameter (e.g. a related problem's ``info["checkpoint"]``, recorded when the
+    relative duality gap first fell below ``checkpoint_gap``). The returned ``value`` is always from a
+    verified (rho, T).
     """
     if mode not in ("neuron", "layer"):
         raise ValueError(f"mode must be 'neuron' or 'layer', got {mode!r}")
@@ -366,20 +369,29 @@ def lipsdp(weights, slopes, mode="neuron", *, solver="fast", device="cpu", time_
         return lipsdp_cvxpy(weights, slopes, mode=mode)
     if solver != "fast":
         raise ValueError(f"unknown solver {solver!r}")
-    return _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_steps, certify_on, verbose)
+    return _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_steps, certify_on,
+                              warm_start, checkpoint_gap, verbose)
 
 
-def _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_steps, certify_on, verbose):
+def _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_steps, certify_on, warm_start,
+                       checkpoint_gap, verbose):
     from lipverify.bounds.lipsdp_blocks import Chain
     from lipverify.bounds.lipsdp_ipm import MAX_NEWTON_STEPS, solve
 
     t0 = time.perf_counter()
     ws, sl = _prepare(weights, slopes)
-    T0 = start_multipliers(ws, sl, device)
     chain = Chain(ws, sl, device)
     deadline = None if time_budget_s is None else t0 + float(time_budget_s)
-    rep = solve(chain, mode, [torch.as_tensor(t) for t in T0], tol=tol, max_steps=max_steps or MAX_NEWTON_STEPS,
-                deadline=deadline, verbose=verbose)
+    kw = dict(tol=tol, max_steps=max_steps or MAX_NEWTON_STEPS, deadline=deadline, verbose=verbose,
+              checkpoint_gap=checkpoint_gap)
+    rep = None
+    if warm_start is not None:
+        T0 = [np.asarray(t, dtype=np.float64) for t in warm_start[0]]
+        if math.isfinite(chain.rho_min([torch.as_tensor(t, device=chain.device) for t in T0])):
+            rep = solve(chain, mode, [torch.as_tensor(t) for t in T0], start_tau=float(warm_start[1]), **kw)
+    if rep is None:
+        T0 = start_multipliers(ws, sl, device)
+        rep = solve(chain, mode, [torch.as_tensor(t) for t in T0], **kw)
     T = [t.detach().cpu().numpy().astype(np.float64) for t in rep.T]
     target = _Target.of(ws, sl, certify_on)
     rho = target.repair(T)
@@ -389,7 +401,12 @@ def _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_st
         stop += "; its multipliers failed verification, the starting point's were certified instead"
         if not np.isfinite(rho):
             raise RuntimeError("no verified multiplier found (numerically degenerate weights?)")
-    info = {"newton_steps": rep.newton_steps, "predictor_steps": rep.predictor_steps, "device": str(chain.device)}
+    info = {"newton_steps": rep.newton_steps, "predictor_steps": rep.predictor_steps, "device": str(chain.device),
+            "warm_start": warm_start is not None}
+    if rep.checkpoint is not None:
+        info["checkpoint"] = ([t.detach().cpu().numpy() for t in chain.split(rep.checkpoint[0])]
+                              if mode == "neuron" else [np.full(n, float(v)) for n, v in
+                                                        zip(chain.hidden, rep.checkpoint[0])], rep.checkpoint[1])
     return _finish(target, mode, T, rho, rep.rho, t0, converged=rep.converged, stop=stop, dual=rep.dual, info=info)
 
 

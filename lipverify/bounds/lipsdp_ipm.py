@@ -63,10 +63,12 @@ class SolveReport:
     newton_steps: int = 0
     predictor_steps: int = 0
     history: list = field(default_factory=list)  # (step, tau, rho, dual)
+    checkpoint: tuple | None = None  # (theta, tau) at the first centred point with gap <= CHECKPOINT_GAP
 
 
 def solve(chain: Chain, mode: str, T0: list, *, tol: float = 1e-6, max_steps: int = MAX_NEWTON_STEPS,
-          deadline: float | None = None, verbose: bool = False) -> SolveReport:
+          deadline: float | None = None, verbose: bool = False, start_tau: float | None = None,
+          checkpoint_gap: float = 0.0) -> SolveReport:
     """Path following from strictly feasible multipliers T0 (layer-uniform or per neuron).
 
     ``deadline``: a ``time.perf_counter()`` value derived from the user's explicit time budget
@@ -105,8 +107,9 @@ def solve(chain: Chain, mode: str, T0: list, *, tol: float = 1e-6, max_steps: in
     def feasible(xv):
         return bool((xv > 0).all()) and chain.factor(float(xv[0]), to_T(xv[1:]), need_F=False) is not None
 
-    tau = nu / (START_GAP * chain.rho_min(to_T(theta)))
+    tau = start_tau if start_tau is not None else nu / (START_GAP * chain.rho_min(to_T(theta)))
     fval, rho = valley(theta, tau)
+    checkpoint = None
     if rho is None:
         raise ValueError("the starting multipliers are not strictly feasible")
     best_dual = -math.inf
@@ -151,6 +154,8 @@ def solve(chain: Chain, mode: str, T0: list, *, tol: float = 1e-6, max_steps: in
         if dec2 <= CENTERED:
             best_dual = max(best_dual, _dual_bound(chain, x, dy * x, tau, g_rho, g_t, to_T))
             gap = (rho - best_dual) / rho
+            if checkpoint is None and gap <= checkpoint_gap:
+                checkpoint = (theta.clone(), tau)
             if gap <= tol:
                 stop, converged = f"relative duality gap {max(gap, 0.0):.1e} <= {tol:.0e}", True
                 break
@@ -179,7 +184,7 @@ def solve(chain: Chain, mode: str, T0: list, *, tol: float = 1e-6, max_steps: in
             break
         theta, fval, rho = theta + s * dth, f2, rho2
     return SolveReport(T=to_T(theta), rho=rho, dual=best_dual, converged=converged, stop=stop, newton_steps=steps,
-                       predictor_steps=predictors, history=history)
+                       predictor_steps=predictors, history=history, checkpoint=checkpoint)
 
 
 def _dual_bound(chain, x, dx, tau, g_rho, g_t, to_T) -> float:
