@@ -296,13 +296,15 @@ class Chain:
     @staticmethod
     def _pair_block(Gk, Gkp, Y, layer):
         """sum_{pqrs} Gk[p,q] Gkp[r,s] Y_qr o Y_ps = sum_{ps} X_ps o Y_ps with X = Gk Y Gkp (2x2 of blocks)."""
-        GY = {(p, r): sum(Gk[p][q] * Y[q, r] for q in (0, 1) if Gk[p][q] != 0.0) for p in (0, 1) for r in (0, 1)}
+        def combine(coeffs_and_mats):
+            terms = [c * m for c, m in coeffs_and_mats if c != 0.0 and m is not None]
+            return None if not terms else terms[0] if len(terms) == 1 else terms[0] + terms[1]
+
+        GY = {(p, r): combine([(Gk[p][q], Y[q, r]) for q in (0, 1)]) for p in (0, 1) for r in (0, 1)}
         out = 0.0
         for p in (0, 1):
             for s_ in (0, 1):
-                terms = [Gkp[r][s_] * GY[p, r] for r in (0, 1) if Gkp[r][s_] != 0.0 and not isinstance(GY[p, r], int)]
-                if not terms:
-                    continue
-                X = terms[0] if len(terms) == 1 else terms[0] + terms[1]
-                out = out + ((X * Y[p, s_]).sum() if layer else X * Y[p, s_])
+                X = combine([(Gkp[r][s_], GY[p, r]) for r in (0, 1)])
+                if X is not None:
+                    out = out + ((X * Y[p, s_]).sum() if layer else X * Y[p, s_])
         return out
