@@ -33,13 +33,19 @@ def certify_compositional(weights, slopes, trusted, device="cpu", cache=None) ->
     t_values, _ = compositional(weights, slopes, device, cache)
     T = [np.full(w.shape[0], t) for w, t in zip(trusted.weights[:-1], t_values)]
     ws = [w for w in trusted.weights]
-    rho = repair(ws, trusted.slopes, T, magnitudes=trusted.magnitudes, product_depth=trusted.product_depth)
+    # the closed form is tight in the last block; when rho cannot buy the verifier's margin there
+    # (e.g. W_0 = 0 decouples the input block), a slightly larger T does
+    for inflate_T in (0.0, 1e-6, 1e-4, 1e-2):
+        T = [t * (1.0 + inflate_T) for t in T]
+        rho = repair(ws, trusted.slopes, T, magnitudes=trusted.magnitudes, product_depth=trusted.product_depth)
+        if math.isfinite(rho):
+            break
     if not math.isfinite(rho):
         raise RuntimeError("the compositional multipliers could not be verified (numerically degenerate weights?)")
     ok, msg = verify_lipsdp(ws, trusted.slopes, T, rho, trusted.magnitudes, trusted.product_depth)
     assert ok, msg  # repair only returns verified rho
     n = sum([ws[0].shape[1]] + [w.shape[0] for w in ws[:-1]])
-    return inflate(math.sqrt(rho), n), rho, [float(t) for t in t_values], msg
+    return inflate(math.sqrt(rho), n), rho, [float(t[0]) for t in T], msg
 
 
 @register

@@ -58,6 +58,8 @@ def compositional(weights, slopes, device="cpu", cache: dict | None = None) -> t
     Wl = torch.as_tensor(weights[-1]).to(device=L.device, dtype=F64)
     Y = torch.linalg.solve_triangular(L, Wl.T, upper=False)  # L^{-1} W_l^T: ||W_l L^{-T}||^2
     rho = float(torch.linalg.matrix_norm(Y, 2)) ** 2
+    if rho == 0.0:  # W_l = 0: a constant map; (c, c lambda) certifies c for any c > 0, take a tiny one
+        rho = 1e-200
     return [rho * lam for lam in lambdas], rho
 
 
@@ -87,9 +89,10 @@ def _forward(weights, slopes, device):
         B = X.T @ X  # W P^{-1} W^T
         B = (B + B.T) / 2
         mu = float(torch.linalg.eigvalsh(B)[-1])
-        if not (mu > 0 and math.isfinite(mu)):
-            raise ValueError(f"layer {k} maps everything to zero or overflows (mu = {mu})")
-        lam = slope_u(a, b) / mu
+        if not math.isfinite(mu):
+            raise ValueError(f"layer {k} overflows (mu = {mu})")
+        # a zero layer (mu = 0) makes everything after it constant: any lambda > 0 keeps P positive
+        lam = slope_u(a, b) / mu if mu > 0 else 1.0
         n = B.shape[0]
         eye = torch.eye(n, dtype=F64, device=dev)
         if p != 0.0:

@@ -376,7 +376,7 @@ def lipsdp(weights, slopes, mode="neuron", *, solver="fast", device="cpu", time_
 def _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_steps, certify_on, warm_start,
                        checkpoint_gap, verbose):
     from lipverify.bounds.lipsdp_blocks import Chain
-    from lipverify.bounds.lipsdp_ipm import MAX_NEWTON_STEPS, solve
+    from lipverify.bounds.lipsdp_ipm import MAX_NEWTON_STEPS, SolveReport, solve
 
     t0 = time.perf_counter()
     ws, sl = _prepare(weights, slopes)
@@ -385,12 +385,18 @@ def _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_st
     kw = dict(tol=tol, max_steps=max_steps or MAX_NEWTON_STEPS, deadline=deadline, verbose=verbose,
               checkpoint_gap=checkpoint_gap)
     rep = None
-    if warm_start is not None:
+    T_start = start_multipliers(ws, sl, device)
+    if not chain.rho_min([torch.as_tensor(t, device=chain.device) for t in T_start]) > 0:
+        # rho*(T) = 0: the network is constant (a zero layer); nothing to optimise
+        rep = SolveReport(T=[torch.as_tensor(t) for t in T_start], rho=0.0, dual=0.0, converged=True,
+                          stop="the network is constant (a zero layer): LipSDP optimum 0")
+        T0 = T_start
+    if rep is None and warm_start is not None:
         T0 = [np.asarray(t, dtype=np.float64) for t in warm_start[0]]
         if math.isfinite(chain.rho_min([torch.as_tensor(t, device=chain.device) for t in T0])):
             rep = solve(chain, mode, [torch.as_tensor(t) for t in T0], start_tau=float(warm_start[1]), **kw)
     if rep is None:
-        T0 = start_multipliers(ws, sl, device)
+        T0 = T_start
         rep = solve(chain, mode, [torch.as_tensor(t) for t in T0], **kw)
     T = [t.detach().cpu().numpy().astype(np.float64) for t in rep.T]
     target = _Target.of(ws, sl, certify_on)
@@ -439,7 +445,7 @@ def _finish(target, mode, T, rho, raw_rho, t0, *, converged, stop, dual=-math.in
     assert ok, msg  # repair only returns verified rho
     n = sum(dims(ws))
     viol = lmi_violation(ws, sl, T, raw_rho) if n <= 600 and np.isfinite(raw_rho) else float("nan")
-    gap = (rho - dual) / rho if np.isfinite(dual) else math.inf
+    gap = max(rho - dual, 0.0) / rho if np.isfinite(dual) else math.inf
     return LipSDPResult(value=inflate(math.sqrt(rho), n), rho=rho, T=[np.asarray(t, np.float64) for t in T],
                         mode=mode, solver=solver, check=msg, raw_value=math.sqrt(max(raw_rho, 0.0)),
                         raw_violation=viol, seconds=time.perf_counter() - t0, converged=converged, stop=stop,
