@@ -76,19 +76,27 @@ def resolve_device(device: str) -> str:
     return device
 
 
-def choose_methods(graph: Graph, method: str) -> tuple[list[str], str]:
-    """Which methods to run, and why (shown to the user)."""
+def choose_methods(graph: Graph, method: str, device: str = "cpu") -> tuple[list[str], str]:
+    """Which methods to run, and why (shown to the user). ``auto``'s choices are rules on the
+    network (its structure and sizes, the device), never on measured time."""
     if method in ("all", "auto"):
         names, skipped = [], []
         for name, m in METHODS.items():
             reason = m.not_applicable(graph)
-            if reason is None and method == "auto" and not getattr(m, "fits_auto", lambda g: True)(graph):
+            if reason is None and method == "auto" and not m.fits_auto(graph, device):
                 reason = ("no tighter than the methods run (choose it with --method)" if name == "rslmi"
-                          else "too large for the default budget (choose it with --method)")
+                          else "too large for auto's size rule (choose it with --method)")
             if reason is None:
                 names.append(name)
             else:
                 skipped.append(f"{name}: {reason}")
+        if method == "auto":
+            for name in list(names):
+                better = [b for b in METHODS[name].auto_superseded_by if b in names]
+                if better:
+                    names.remove(name)
+                    skipped.append(f"{name}: {better[0]} runs on this dense chain and is at least as tight "
+                                   "(choose it with --method)")
         why = ("auto: ran every applicable method that fits the budget and reports the tightest verified bound"
                if method == "auto" else "all: every applicable method")
         if skipped:
@@ -133,7 +141,7 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
     timings["extract_s"] = time.perf_counter() - t
     bounded = select_output(graph, opts.output) if opts.output is not None else graph
 
-    names, why = choose_methods(bounded, opts.method)
+    names, why = choose_methods(bounded, opts.method, device)
     ctx = BoundContext(device=device, budget_s=opts.budget_s, budget_mem=opts.budget_mem, seed=opts.seed,
                        track=track, options=dict(opts.method_options))
     results: dict[str, BoundResult] = {}
@@ -197,7 +205,7 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
         "ratio": lb.value / best.value if best.value > 0 else 1.0,
         "bounds": {n: r.value for n, r in results.items()},
         "layers": [l.as_dict() for l in best.layers],
-        "methods": {n: {"value": r.value, "seconds": r.seconds, "check": r.check,
+        "methods": {n: {"value": r.value, "seconds": r.seconds, "check": r.check, "solver": r.solver,
                         "layers": [l.as_dict() for l in r.layers], "witness": r.witness, "info": r.info}
                     for n, r in results.items()},
         "verification": verification,

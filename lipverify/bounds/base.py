@@ -58,15 +58,32 @@ class BoundResult:
     seconds: float = 0.0
     info: dict = field(default_factory=dict)  # method details shown to users, NOT verified (estimates, choices)
     notes: list[str] = field(default_factory=list)
+    # what happened inside the method: {"converged": bool, "stop": why it stopped, and e.g.
+    # "duality_gap", "newton_steps"}; a user's explicit budget cutting it short is said here
+    solver: dict = field(default_factory=dict)
 
 
 class BoundMethod:
     name = "method"
     description = ""
 
+    # auto skips this method when one of these methods runs on the same graph (it cannot be tighter)
+    auto_superseded_by: tuple[str, ...] = ()
+
     def not_applicable(self, graph: Graph) -> str | None:
         """A reason this method cannot bound ``graph``, or None."""
         return None
+
+    # what pairwise radii use instead when ``fits_pairs`` says no
+    pair_fallback: str | None = None
+
+    def fits_auto(self, graph: Graph, device: str = "cpu") -> bool:
+        """Whether ``auto`` runs this method (a rule on the network's sizes, never on measured time)."""
+        return True
+
+    def fits_pairs(self, graph: Graph, n_problems: int, device: str = "cpu") -> bool:
+        """Whether pairwise radii run this method on all ``n_problems`` logit differences (a rule on sizes)."""
+        return True
 
     def run(self, graph: Graph, ctx: BoundContext) -> BoundResult:  # pragma: no cover - abstract
         raise NotImplementedError

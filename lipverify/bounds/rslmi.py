@@ -148,7 +148,7 @@ def propagate_with_blocks(graph: Graph, factors: dict[str, float], blocks: dict[
 class RSLMIBound(BoundMethod):
     name = "rslmi"
 
-    def fits_auto(self, graph) -> bool:
+    def fits_auto(self, graph, device="cpu") -> bool:
         # it certifies the same value as `product` (the sketch is only an estimate); its gain is speed
         # on large models, so `auto` runs product instead and rslmi is chosen explicitly
         return False

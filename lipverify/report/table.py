@@ -45,6 +45,19 @@ def layer_table(cert: dict, method: str | None = None, wide: bool = True) -> Tab
     return table
 
 
+def solver_status(solver: dict) -> str:
+    """A few words beside a bound on how its method ended (iterative methods only)."""
+    if not solver or solver.get("stop", "").startswith("closed form"):
+        return ""
+    if solver.get("converged"):
+        gap = solver.get("duality_gap")
+        return f"(converged, duality gap {gap:.1e})" if gap is not None else "(converged)"
+    stop = solver.get("stop", "")
+    if "budget" in stop:
+        return f"([yellow]cut by the time budget[/]: {stop})"
+    return f"([yellow]not converged[/]: {stop})"
+
+
 def summary_table(cert: dict) -> Table:
     table = Table(title="Certified global L2 Lipschitz bound", show_header=False)
     table.add_column("", style="bold")
@@ -54,7 +67,8 @@ def summary_table(cert: dict) -> Table:
     table.add_row("bounded map", target)
     for name, value in sorted(cert["bounds"].items(), key=lambda kv: kv[1]):
         mark = "  ← certified" if name == cert["method"] else ""
-        table.add_row(f"bound ({name})", f"{value:.6g}{mark}")
+        status = solver_status(cert.get("methods", {}).get(name, {}).get("solver") or {})
+        table.add_row(f"bound ({name})", f"{value:.6g}{mark}" + (f"  [dim]{status}[/]" if status else ""))
     table.add_row("certified bound", f"[bold green]{cert['certified_bound']:.6g}[/]")
     table.add_row("sampled lower bound", f"{cert['lower_bound']:.6g}")
     table.add_row("lower / upper", f"{cert['ratio']:.3f}")

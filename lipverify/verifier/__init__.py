@@ -12,7 +12,7 @@ every rule it uses. What it trusts:
 
 Modules: ``numbers`` (claimed numbers, upward rounding), ``linalg`` (rigorous Cholesky proofs of
 PSD and norm bounds), ``conv`` (convolution norms: unrolled or per frequency), ``factors`` (per-op
-rules and propagation), one checker per method (``product``, ``lipsdp``, ``scaled``), and
+rules and propagation), one checker per method (``product``, ``lipsdp``, ``compositional``, ``scaled``), and
 ``certificate`` (``lipverify check``: a certificate file against a model file).
 """
 
@@ -23,6 +23,7 @@ from typing import Callable
 
 from lipverify.errors import SoundnessError
 from lipverify.graph.ir import Graph
+from lipverify.verifier.compositional import verify_compositional
 from lipverify.verifier.lipsdp import verify_lipsdp
 from lipverify.verifier.product import verify_product
 from lipverify.verifier.scaled import verify_layerwise, verify_rslmi
@@ -35,6 +36,7 @@ CHECKERS: dict[str, Callable[[Graph, float, dict], tuple[float, str]]] = {
     "lipsdp-layer": verify_lipsdp,
     "rslmi": verify_rslmi,
     "layerwise": verify_layerwise,
+    "compositional": verify_compositional,
 }
 
 
