@@ -15,57 +15,14 @@ from __future__ import annotations
 import json
 import math
 import os
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from html import escape
 
 from lipverify.report import plots
-
-SIG = 6
+from lipverify.report.numbers import SIG, fmt_num, fmt_pct, gate_check  # noqa: F401 (markdown.py imports them here)
 
 
 # --------------------------------------------------------------------------- shared formatting
 # (markdown.py imports these so both reports print identical numbers)
-
-
-def fmt_num(v, direction: str | None = None, sig: int = SIG) -> str:
-    """``v`` to ``sig`` significant digits; ``direction`` "up"/"down" rounds toward safety."""
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return str(v)
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if not math.isfinite(f):
-        return "∞" if f > 0 else ("−∞" if f < 0 else "NaN")
-    if f == 0 or direction is None:
-        return format(f, f".{sig}g")
-    try:
-        d = Decimal(repr(f))
-        q = d.quantize(Decimal(1).scaleb(d.adjusted() - (sig - 1)),
-                       rounding=ROUND_CEILING if direction == "up" else ROUND_FLOOR)
-    except InvalidOperation:  # pragma: no cover - extreme exponents
-        return format(f, f".{sig}g")
-    return format(float(q), f".{sig}g")
-
-
-def fmt_pct(v, direction: str | None = "down") -> str:
-    """A fraction as a percentage with two decimals, rounded down by default (accuracies)."""
-    if v is None:
-        return "—"
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if not math.isfinite(f):
-        return str(f)
-    scaled = f * 100.0
-    if direction == "down":
-        scaled = math.floor(scaled * 100.0 + 1e-9) / 100.0
-    elif direction == "up":
-        scaled = math.ceil(scaled * 100.0 - 1e-9) / 100.0
-    return f"{scaled:.2f}%"
 
 
 def fmt_shape(v) -> str:
