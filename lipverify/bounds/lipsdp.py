@@ -77,7 +77,11 @@ class _LipSDP(BoundMethod):
         start = time.perf_counter()
         weights, slopes = dense_chain(graph)
         solver = ctx.options.get("lipsdp_solver", "fast")
-        res = lipsdp(weights, slopes, self.mode, solver=solver, device=ctx.device, time_budget_s=ctx.budget_s)
+        budget_s = ctx.budget_s  # what is left of the run's --budget-s (None: no time limit)
+        res = lipsdp(weights, slopes, self.mode, solver=solver, device=ctx.device, time_budget_s=budget_s)
+        if budget_s is not None and res.seconds >= budget_s:
+            ctx.time_budget.cut(f"{self.name}: the solver reached the --budget-s deadline (possibly before "
+                                "converging); its best verified multipliers were certified")
         factors = layer_factors(graph, ctx)
         notes = []
         if res.raw_violation > 0:
