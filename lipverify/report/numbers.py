@@ -100,7 +100,9 @@ def gate_check(gate: dict, with_name: bool = True) -> str:
     ``max-L: 1.0084601 > 1.00846`` or ``min-certified-acc@0.5: 0.2033 < 0.5``; enough digits
     to show why, the value rounded in its safe direction."""
     name, value, threshold = gate.get("name", "gate"), gate.get("value"), gate.get("threshold")
-    at_least = gate.get("direction") == ">="  # accuracy gates; max-L has no direction ("<=")
+    # accuracy gates say ">="; max-L says nothing ("<="); older certificates: min-* gates are ">="
+    direction = gate.get("direction") or (">=" if str(name).startswith("min") else "<=")
+    at_least = direction == ">="
     v, t = _finite(value), _finite(threshold)
     if not isinstance(v, float) or not isinstance(t, float):
         return f"{name}: {v} vs {t}"

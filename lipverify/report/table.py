@@ -9,22 +9,12 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from lipverify.report.labels import pairwise_text, radius_form
 from lipverify.report.numbers import fmt_down, fmt_num, fmt_pct, fmt_threshold, fmt_up, gate_check
-
-RADIUS_FORMS = {
-    "pairwise": "pairwise radii (per-class-pair bounds L_yj, and the global form where larger)",
-    "global": "global radii (margin / (√2 L))",
-}
 
 
 def _shape(dims) -> str:
     return "×".join(str(d) for d in dims) or "scalar"
-
-
-def radius_form(data: dict) -> str:
-    """Which radius form the certified accuracies use, in words (shown beside every figure)."""
-    form = data.get("form")
-    return RADIUS_FORMS.get(form, f"{form} radii")
 
 
 def layer_table(cert: dict, method: str | None = None, wide: bool = True) -> Table:
@@ -116,7 +106,8 @@ def data_table(data: dict) -> Table:
         table.add_row(eps, fmt_pct(acc, space=True), f"{int(round(acc * n))} / {n}")
     q = data.get("radius_quantiles", {})
     pgd = data.get("pgd_check", {})
-    table.caption = (f"radii: {radius_form(data)}; clean accuracy {fmt_pct(data['clean_accuracy'], space=True)}; "
+    pairs = pairwise_text(data)
+    table.caption = (f"radii: {radius_form(data)}{f' (bounds: {pairs})' if pairs else ''}; clean accuracy {fmt_pct(data['clean_accuracy'], space=True)}; "
                      f"median certified radius {fmt_down(q.get('median'), 4)} (q25 {fmt_down(q.get('q25'), 4)}, "
                      f"q75 {fmt_down(q.get('q75'), 4)}); {data.get('n_ties', 0)} ties, "
                      f"{data.get('n_misclassified', 0)} misclassified; PGD check: {pgd.get('attacked', 0)} attacked, "
