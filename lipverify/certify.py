@@ -146,6 +146,11 @@ def choose_methods(graph: Graph, method: str, fast: bool = False) -> tuple[list[
                 names.append(name)
             else:
                 skipped.append(f"{name}: {reason}")
+        if method == "auto" and {"lipsdp-neuron", "lipsdp-layer"} <= set(names):
+            # one multiplier per layer is a special case of one per neuron: never tighter, often slow
+            names.remove("lipsdp-layer")
+            skipped.append("lipsdp-layer: never tighter than lipsdp-neuron, which runs (its multipliers are a "
+                           "special case; choose it with --method or all)")
         why = ("auto: ran every applicable method within auto's size rules and reports the tightest verified bound"
                if method == "auto" else "all: every applicable method")
         if skipped:
