@@ -48,7 +48,7 @@ def test_method_choice_and_bounds_do_not_depend_on_the_clock(slow_clock):
     assert set(normal["bounds"]) == {"product", "lipsdp-neuron", "layerwise"}  # lipsdp-layer: dominated
     assert _certified(slow) == _certified(normal)
     assert slow["run"]["cut_by_budget"] == [] and normal["run"]["cut_by_budget"] == []
-    assert slow["methods"]["layerwise"]["witness"]["optimizer"]["steps"] == 40
+    assert any("(40 Adam steps" in n for n in slow["notes"])  # the full step count ran
 
 
 @pytest.fixture(scope="module")
@@ -106,7 +106,8 @@ def test_layerwise_budget_cut_names_the_steps(slow_clock):
     result = METHODS["layerwise"].run(graph, BoundContext(time_budget=budget, options={"layerwise_steps": 50}))
     assert len(budget.cuts) == 1 and "layerwise: Adam on the scalings stopped after" in budget.cuts[0]
     assert "of 50 steps (--budget-s)" in budget.cuts[0]
-    assert result.witness["optimizer"]["steps"] < 50
+    steps = int(budget.cuts[0].split("stopped after ")[1].split(" ")[0])
+    assert steps < 50 and any(f"({steps} Adam steps" in n for n in result.notes)
 
 
 def test_time_budget_counts_repeated_cuts():

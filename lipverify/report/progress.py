@@ -98,8 +98,10 @@ class LineProgress(Progress):
         self._status = ""
         try:
             yield
-        finally:
-            self._line(f"{name}: done in {time.perf_counter() - start:.1f} s{self._detail()}")
+        except BaseException:
+            self._line(f"{name}: stopped after {time.perf_counter() - start:.1f} s")
+            raise
+        self._line(f"{name}: done in {time.perf_counter() - start:.1f} s{self._detail()}")
 
     def status(self, text):
         self._status = text
