@@ -22,6 +22,9 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from lipverify.report.numbers import fmt_pct, fmt_up  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 FIX = ROOT / "fixtures"
 DEFAULT_BASE = "265a051"  # the branch point of the issue-14 work (before: per-method budgets, time-based cuts)
@@ -33,7 +36,10 @@ def make_mlp784(path: Path) -> Path:
     import torch
     import torch.nn as nn
 
+    import warnings
+
     torch.manual_seed(0)
+    warnings.simplefilter("ignore")  # the legacy exporter's deprecation notice
     m = nn.Sequential(nn.Linear(784, 512), nn.ReLU(), nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 10)).eval()
     torch.onnx.export(m, (torch.randn(2, 784),), str(path), dynamo=False, opset_version=17,
                       input_names=["input"], dynamic_axes={"input": {0: "batch"}})
@@ -59,9 +65,9 @@ def run_cli(code_root: Path, args: list[str], json_path: Path) -> tuple[float, d
 def summary(cert: dict | None) -> str:
     if cert is None:
         return "failed"
-    text = f"{cert['method']} {cert['certified_bound']:.6g}"
-    if cert.get("data"):
-        text += " acc " + "/".join(f"{100 * a:.1f}" for a in cert["data"]["certified_accuracy"].values())
+    text = f"{cert['method']} {fmt_up(cert['certified_bound'])}"
+    if cert.get("data"):  # certified accuracies in %, rounded down
+        text += " acc " + "/".join(fmt_pct(a, decimals=1)[:-1] for a in cert["data"]["certified_accuracy"].values())
     return text
 
 
@@ -70,6 +76,7 @@ def main() -> None:
     p.add_argument("--base", default=DEFAULT_BASE, help="git ref of the 'before' code")
     p.add_argument("--quick", action="store_true", help="fixtures only (skip the 784-512-512-10 MLP)")
     p.add_argument("--repeat", type=int, default=1, help="runs per configuration (the median is shown)")
+    p.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="lipverify-walltime-") as tmp:
@@ -86,6 +93,8 @@ def main() -> None:
                 mlp784 = make_mlp784(tmp / "mlp784.onnx")
                 cases.append(("784-512-512-10 (default)", [str(mlp784)], True))
                 cases.append(("784-512-512-10 --fast", [str(mlp784), "--fast"], False))
+            if args.only:
+                cases = [c for c in cases if args.only in c[0]]
             print(f"before = {args.base} (git worktree), after = this checkout; {os.cpu_count()} CPUs; "
                   f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}")
             print(f"{'case':30s} {'before s':>9s} {'after s':>9s} {'before/after':>12s}  before | after")

@@ -68,9 +68,28 @@ def run_rows(cert: dict) -> list[tuple[str, str]]:
             rows.append((name, str(value)))
     options = run.get("options")
     if isinstance(options, dict):
-        shown = {k: v for k, v in options.items() if v not in (None, [], False)}
-        rows.append(("Options", ", ".join(f"{k}={v}" for k, v in shown.items())))
+        rows.append(("Options", " ".join(_as_flags(options))))
     cuts = run.get("cut_by_budget")
     if isinstance(cuts, list) and run.get("budget_s") is not None:
         rows.append(("Cut by --budget-s", "; ".join(map(str, cuts)) if cuts else "nothing"))
     return rows
+
+
+def _as_flags(options: dict) -> list[str]:
+    """The recorded options spelled as the CLI flags that set them (``--lower-starts 16``)."""
+    flat = {}
+    for k, v in options.items():  # one level of nesting: the data options
+        for kk, vv in (v.items() if isinstance(v, dict) else [(None, v)]):
+            flat[kk or k] = vv
+    out = []
+    for k, v in flat.items():
+        if v in (None, [], False) or k == "pairwise":
+            continue
+        flag = {"path": "--data", "max_L": "--max-L"}.get(k, "--" + k.replace("_", "-"))
+        if k == "min_certified_acc" and isinstance(v, list):
+            out += [f"{flag} {g.get('accuracy')}@{g.get('eps')}" for g in v if isinstance(g, dict)]
+        elif v is True:
+            out.append(flag)
+        else:
+            out.append(f"{flag} {','.join(map(str, v)) if isinstance(v, list) else v}")
+    return out
