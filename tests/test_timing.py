@@ -35,22 +35,6 @@ def slow_clock(monkeypatch):
     return use
 
 
-def _certified(cert: dict) -> dict:
-    return {"method": cert["method"], "why": cert["method_reason"], "bounds": cert["bounds"],
-            "layers": [(l["name"], l["factor"]) for l in cert["layers"]]}
-
-
-def test_method_choice_and_bounds_do_not_depend_on_the_clock(slow_clock):
-    opts = lambda: CertifyOptions(**QUICK, method_options={"layerwise_steps": 40})  # noqa: E731
-    normal = certify(FIXTURES / "mlp.onnx", opts())
-    slow_clock()
-    slow = certify(FIXTURES / "mlp.onnx", opts())
-    assert set(normal["bounds"]) == {"product", "lipsdp-neuron", "layerwise"}  # lipsdp-layer: dominated
-    assert _certified(slow) == _certified(normal)
-    assert slow["run"]["cut_by_budget"] == [] and normal["run"]["cut_by_budget"] == []
-    assert any("(40 Adam steps" in n for n in slow["notes"])  # the full step count ran
-
-
 @pytest.fixture(scope="module")
 def four_class_model(tmp_path_factory):
     torch.manual_seed(1)
@@ -61,6 +45,23 @@ def four_class_model(tmp_path_factory):
     y = m(torch.from_numpy(x)).argmax(1).numpy()  # labels the model gets right: radii are positive
     np.savez(d / "d.npz", x=x, y=y)
     return export_onnx(m, (6,), d / "m.onnx"), d / "d.npz"
+
+
+def _certified(cert: dict) -> dict:
+    return {"method": cert["method"], "why": cert["method_reason"], "bounds": cert["bounds"],
+            "layers": [(l["name"], l["factor"]) for l in cert["layers"]]}
+
+
+def test_method_choice_and_bounds_do_not_depend_on_the_clock(four_class_model, slow_clock):
+    model, _ = four_class_model
+    opts = lambda: CertifyOptions(**QUICK, method_options={"layerwise_steps": 40})  # noqa: E731
+    normal = certify(model, opts())
+    slow_clock()
+    slow = certify(model, opts())
+    assert set(normal["bounds"]) == {"product", "lipsdp-neuron", "layerwise"}  # lipsdp-layer: dominated
+    assert _certified(slow) == _certified(normal)
+    assert slow["run"]["cut_by_budget"] == [] and normal["run"]["cut_by_budget"] == []
+    assert any("(40 Adam steps" in n for n in slow["notes"])  # the full step count ran
 
 
 def _with_data(data_path, **kw):
