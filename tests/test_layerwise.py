@@ -245,3 +245,20 @@ def test_glipsdp_mnist_cnn_certifies_with_layerwise(name):
     # the product bound from the per-layer factors of the same graph (no second certify run)
     assert cert["methods"]["layerwise"]["value"] == cert["certified_bound"]
     assert "re-checked" in cert["verification"]["layerwise"]
+
+
+@pytest.mark.regression
+def test_loop_product_margin_covers_the_verifiers():
+    """A claimed loop norm must include at least the product error the trusted verifier subtracts
+    (a 784-512-512-10 MLP exited 3: the method's margin used u, the verifier's eps = 2u)."""
+    from lipverify.bounds.layerwise import product_rounding
+    from lipverify.verifier.scaled import _product_error
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(64, 784, generator=gen, dtype=torch.float64),
+               torch.randn(64, 64, generator=gen, dtype=torch.float64),
+               torch.randn(10, 64, generator=gen, dtype=torch.float64)]
+    s_out = torch.rand(10, generator=gen, dtype=torch.float64) + 0.5
+    s_in = torch.rand(784, generator=gen, dtype=torch.float64) + 0.5
+    for k in range(len(weights) - 1):
+        assert product_rounding(s_out, s_in, weights[k:]) >= _product_error(s_out, s_in, weights[k:]) > 0

@@ -248,6 +248,7 @@ def test_method_entry_and_table_say_what_happened():
     from lipverify.ops.activation import ReLU
     from lipverify.ops.dense import Dense
     from lipverify.report.table import solver_status
+    from lipverify.timebudget import TimeBudget
 
     rng = np.random.default_rng(12)
     ws = _rand_net(rng, [6, 9, 9, 3], 2.0)
@@ -263,7 +264,7 @@ def test_method_entry_and_table_say_what_happened():
     full = get_method("lipsdp-neuron").run(g, BoundContext())
     assert full.solver["converged"] and full.solver["duality_gap"] <= 1e-4
     assert solver_status(full.solver).startswith("(converged")
-    cut = get_method("lipsdp-neuron").run(g, BoundContext(budget_s=0.0))
+    cut = get_method("lipsdp-neuron").run(g, BoundContext(time_budget=TimeBudget(0.0)))
     assert not cut.solver["converged"] and "cut by the time budget" in solver_status(cut.solver)
     assert any("not converged" in n for n in cut.notes)
 

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Iterable, TypeVar
 
 from lipverify.graph.ir import Graph
+from lipverify.timebudget import TimeBudget
 
 T = TypeVar("T")
 
@@ -18,12 +19,18 @@ T = TypeVar("T")
 @dataclass
 class BoundContext:
     device: str = "cpu"
-    budget_s: float | None = None
+    time_budget: TimeBudget = field(default_factory=TimeBudget)  # the run's one --budget-s (unlimited by default)
     budget_mem: int | None = None  # bytes
     seed: int = 0
     track: Callable[[Iterable[T], str, int | None], Iterable[T]] = lambda it, desc, total=None: it
+    status: Callable[[str], None] = lambda text: None  # live detail of the running loop (progress display only)
     options: dict = field(default_factory=dict)
     cache: dict = field(default_factory=dict)  # shared by runs on related graphs (e.g. pairwise outputs)
+
+    @property
+    def budget_s(self) -> float | None:
+        """Seconds left of the run's --budget-s (None: no time limit); read it when a stage starts."""
+        return self.time_budget.left()
 
 
 @dataclass
@@ -32,14 +39,14 @@ class LayerBound:
     op: str
     in_shape: list[int]
     out_shape: list[int]
-    factor: float  # certified Lipschitz factor of this node
+    factor: float | None  # certified Lipschitz factor of this node (None for a merge: it combines bounds)
     lower: float | None  # lower estimate of the factor (power iteration / exact value)
     how: str
-    extra: dict = field(default_factory=dict)
+    extra: dict = field(default_factory=dict)  # e.g. "cumulative": the certified bound up to this node
 
     @property
-    def tau(self) -> float:
-        return self.factor * self.factor
+    def tau(self) -> float | None:
+        return None if self.factor is None else self.factor * self.factor
 
     def as_dict(self) -> dict:
         d = {"name": self.name, "op": self.op, "in_shape": self.in_shape, "out_shape": self.out_shape,

@@ -102,6 +102,7 @@ class _LipSDP(BoundMethod):
         start = time.perf_counter()
         weights, slopes = chain_of(graph)
         solver = ctx.options.get("lipsdp_solver", "fast")
+        budget_s = ctx.budget_s  # what is left of the run's --budget-s (None: no time limit)
         tol = float(ctx.options.get("lipsdp_tol", 1e-6))
         # a path point of an earlier solve on the same hidden layers (the whole output) warm-starts this
         # one: scaled by 2 it is strictly feasible for any logit difference, since (e_i - e_j)(e_i - e_j)^T <= 2 I
@@ -111,10 +112,13 @@ class _LipSDP(BoundMethod):
         if key in paths and solver == "fast":
             T_ck, tau_ck = paths[key]
             warm = ([2.0 * t for t in T_ck], tau_ck / 2.0)
-        res = lipsdp(weights, slopes, self.mode, solver=solver, device=ctx.device, time_budget_s=ctx.budget_s,
+        res = lipsdp(weights, slopes, self.mode, solver=solver, device=ctx.device, time_budget_s=budget_s,
                      tol=tol, certify_on=trusted_chain(graph), warm_start=warm, checkpoint_gap=PAIR_WARM_GAP)
         if key not in paths and "checkpoint" in res.info:
             paths[key] = res.info["checkpoint"]
+        if budget_s is not None and res.seconds >= budget_s:
+            ctx.time_budget.cut(f"{self.name}: the solver reached the --budget-s deadline (possibly before "
+                                "converging); its best verified multipliers were certified")
         factors = layer_factors(graph, ctx)
         notes = []
         if res.raw_violation > 0:
