@@ -35,7 +35,7 @@ import torch
 
 from lipverify.attack.evaluate import Budget, BudgetExhausted, FileModel
 from lipverify.attack.rounding import OutputTolerance
-from lipverify.attack.search import bshape, pair_ascent, top_singular, top_singular_block, unit
+from lipverify.attack.search import STEP_SCALES, bshape, pair_ascent, top_singular, top_singular_block, unit
 from lipverify.graph.ir import Graph
 
 LADDER = (3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)  # pair widths on the file, relative to |x|
@@ -197,13 +197,30 @@ class _Search:
         return best
 
 
-def _random_points(n: int, shape, scale: float, gen: torch.Generator) -> torch.Tensor:
+def _random_points(n: int, shape, scale: float, gen: torch.Generator, groups: bool = False):
+    """Gaussian points at the SCALES (times the data scale) and uniform points in [0, 1]; with
+    ``groups``, also which of those len(SCALES) + 1 families each point comes from."""
     table = torch.tensor(SCALES, dtype=torch.float64) * scale
-    pick = table[torch.randint(0, len(table), (n,), generator=gen)].reshape((-1,) + (1,) * len(shape))
+    which = torch.randint(0, len(table) + 1, (n,), generator=gen)
+    pick = table[which.clamp_max(len(table) - 1)].reshape((-1,) + (1,) * len(shape))
     gauss = torch.randn((n,) + tuple(shape), generator=gen, dtype=torch.float64) * pick
     uniform = torch.rand((n,) + tuple(shape), generator=gen, dtype=torch.float64)
-    use_uniform = (torch.rand(n, generator=gen) < 0.25).reshape(bshape(gauss))
-    return torch.where(use_uniform, uniform, gauss)
+    points = torch.where((which == len(table)).reshape(bshape(gauss)), uniform, gauss)
+    return (points, which) if groups else points
+
+
+def _best_per_group(score: torch.Tensor, group: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of k points: the best of each group in turn, then the second best of each, ... (the
+    landscape's best region can lie at any scale, and the top scores of one scale hide the others)."""
+    score = torch.nan_to_num(score, nan=-1.0)
+    ranked = []
+    for g in torch.unique(group).tolist():
+        members = torch.nonzero(group == g)[:, 0]
+        ranked.append(members[torch.argsort(score[members], descending=True, stable=True)].tolist())
+    picked = []
+    for depth in range(max(len(r) for r in ranked)):
+        picked += [r[depth] for r in ranked if depth < len(r)]
+    return torch.tensor(picked[:k], dtype=torch.long)
 
 
 def _torch_stand_in(module: torch.nn.Module | None, output: int | None):
@@ -281,9 +298,9 @@ def _run(s: _Search, graph: Graph, loaded, output, plan: Plan, data) -> None:
 
     # 2. screen a pool by power iteration on the graph; 3. ascend from the best and from data
     s.stage("screening points on the graph")
-    pool = _random_points(plan.pool, shape, scale, gen)
+    pool, family = _random_points(plan.pool, shape, scale, gen, groups=True)
     sigma, v = top_singular(graph_fn, pool, plan.power_iters, gen, plan.chunk)
-    keep = torch.argsort(torch.nan_to_num(sigma, nan=-1.0), descending=True, stable=True)[: plan.starts]
+    keep = _best_per_group(sigma, family, plan.starts)
     x0, v0 = pool[keep], v[keep]
     if data_x is not None:
         _, dv = top_singular(graph_fn, data_x, plan.power_iters, gen, plan.chunk)
@@ -293,7 +310,10 @@ def _run(s: _Search, graph: Graph, loaded, output, plan: Plan, data) -> None:
     xs, vs, qs = pair_ascent(graph_fn, x0, v0, plan.steps, chunk=plan.chunk)
     proposals.append((xs, vs))
 
-    # 4. restarts around the best points: nearby activation patterns
+    # 4. restarts around the best points (nearby activation patterns), moving with the step size of
+    # the best start so far and its neighbours (chosen from the results, not from timing)
+    best_scale = STEP_SCALES[int(torch.argmax(torch.nan_to_num(qs, nan=-1.0))) % len(STEP_SCALES)]
+    scales = (best_scale / 2, best_scale, best_scale * 2)
     for r in range(plan.restarts):
         s.stage(f"restarts ({r + 1}/{plan.restarts})")
         order = torch.argsort(torch.nan_to_num(qs, nan=-1.0), descending=True, stable=True)
@@ -306,7 +326,8 @@ def _run(s: _Search, graph: Graph, loaded, output, plan: Plan, data) -> None:
         cand = base + radius * size * torch.randn(base.shape, generator=gen, dtype=torch.float64)
         sigma, v = top_singular(graph_fn, cand, plan.power_iters, gen, plan.chunk)
         keep = torch.argsort(torch.nan_to_num(sigma, nan=-1.0), descending=True, stable=True)[: max(1, plan.starts // 2)]
-        xr, vr, qr = pair_ascent(graph_fn, cand[keep], v[keep], plan.steps // 2, h_start=1e-2, chunk=plan.chunk)
+        xr, vr, qr = pair_ascent(graph_fn, cand[keep], v[keep], plan.steps // 2, h_start=1e-2, chunk=plan.chunk,
+                                 step_scales=scales)
         proposals.append((xr, vr))
         xs, vs, qs = torch.cat([xs, xr]), torch.cat([vs, vr]), torch.cat([qs, qr])
 

@@ -116,22 +116,22 @@ def pair_quotient(fn: Fn, x: torch.Tensor, v: torch.Tensor, h: torch.Tensor) -> 
     return diff.norm(dim=1) / (2 * h.flatten() * v.flatten(1).norm(dim=1))
 
 
-STEP_SCALES = (0.25, 1.0, 4.0)  # per-start step sizes, cycled: the best one depends on the model
+STEP_SCALES = (0.25, 1.0, 4.0, 16.0, 64.0, 256.0)  # per-start step sizes, cycled: the best one depends on the model
 DIRECTION_STEP = 0.05  # Adam step of a coordinate of the unit direction, times 1 / sqrt(input size)
 STEP = 0.01  # Adam step of a coordinate, times point_size / sqrt(input size): ~STEP * size in L2
 
 
 def pair_ascent(fn: Fn, x0: torch.Tensor, v0: torch.Tensor, steps: int, h_start: float = 3e-2,
-                h_end: float = 1e-5, chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                h_end: float = 1e-5, chunk: int = CHUNK, step_scales: tuple[float, ...] = STEP_SCALES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multi-start Adam on (x, v) maximising the pair quotient, with the half-width h shrinking
     geometrically from ``h_start`` to ``h_end`` (relative to the point's size): wide pairs see the
     activation pattern change (a ReLU net's Jacobian is constant on each piece, so ||J(x) v|| alone has
     no gradient in x), narrow ones converge to the local ||J(x)||. Every iterate is scored by its
     narrow quotient (width ``h_end``); returns the best iterate per start (x, unit v, that score).
-    Start i moves with step STEP * STEP_SCALES[i % 3] (Adam's step is the same whatever the gradient's
-    scale, so the scale is put into the parametrisation x = x0 + step_i * size * z)."""
+    Start i moves with step STEP * step_scales[i % len(step_scales)] (Adam's step is the same whatever
+    the gradient's scale, so the scale is put into the parametrisation x = x0 + step_i * size * z)."""
     n = max(x0[0].numel(), 1)
-    scales = torch.tensor(STEP_SCALES, dtype=x0.dtype)[torch.arange(len(x0)) % len(STEP_SCALES)]
+    scales = torch.tensor(step_scales, dtype=x0.dtype)[torch.arange(len(x0)) % len(step_scales)]
     step_of = STEP / n ** 0.5 * scales
 
     def run(x0c: torch.Tensor, v0c: torch.Tensor, stepc: torch.Tensor):
