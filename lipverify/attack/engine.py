@@ -40,6 +40,7 @@ from lipverify.graph.ir import Graph
 
 LADDER = (3e-1, 1e-1, 3e-2, 1e-2, 3e-3, 1e-3, 3e-4, 1e-4)  # pair widths on the file, relative to |x|
 SCALES = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0, 100.0, 1000.0)  # random points: Gaussian at these multiples of the data scale
+WORK = 2e10  # values computed at effort 1 (model_size x forward passes): seconds on a small model
 SEARCH_THREADS = 1  # torch threads during the search: reductions split across threads round differently
 
 
@@ -61,17 +62,24 @@ class Plan:
 
     @classmethod
     def for_model(cls, graph: Graph, effort: float = 1.0, starts: int | None = None) -> "Plan":
-        """A model of 100k values (``model_size``) gets 32 starts; smaller ones more (up to 64),
-        larger ones fewer (down to 4); ``effort`` multiplies every count (not the steps per start)."""
-        e = float(effort)
-        room = (1e5 / max(model_size(graph), 1)) ** 0.5
-        base = starts if starts is not None else min(64, max(4, int(round(32 * room))))
+        """Counts from a work allowance of WORK / model_size forward passes: a small model gets the
+        full search (64 starts of 150 steps), a large one fewer and shorter starts and fewer file
+        evaluations (a ResNet-18 at 224x224: 4 starts of about 30 steps). ``effort`` multiplies every
+        count except the steps per start; ``starts`` overrides the number of starts."""
+        room = WORK / max(model_size(graph), 1)  # forward passes allowed at effort 1
 
-        def n(count: float, minimum: int) -> int:
+        def clamp(v: float, lo: int, hi: int) -> int:
+            return int(min(hi, max(lo, round(v))))
+
+        base = starts if starts is not None else clamp(room / 2000, 4, 64)
+        e = float(effort)
+
+        def n(count: int, minimum: int = 1) -> int:
             return max(minimum, int(round(count * e)))
 
-        return cls(pool=n(16 * base, 16), starts=n(base, 1), steps=150, power_iters=8, restarts=2,
-                   random_pairs=n(min(4096, 64 * base), 64), candidates=n(2 * base, 8), refine_rounds=n(24, 4),
+        return cls(pool=n(clamp(room / 40, 16, 16 * base)), starts=n(base), steps=clamp(room / (9 * base), 10, 150),
+                   power_iters=8, restarts=2, random_pairs=n(clamp(room / 20, 16, 4096)),
+                   candidates=n(clamp(room / 200, 4, 2 * base)), refine_rounds=n(clamp(room / 400, 2, 24)),
                    refine_batch=16, singular_k=4, chunk=chunk_for(graph))
 
     def as_dict(self) -> dict:
@@ -80,9 +88,9 @@ class Plan:
 
 def chunk_for(graph: Graph) -> int:
     """Points per batched call: large batches for small models (per-call overhead dominates), about
-    8M values per call for large ones; a power of two in [8, 256]."""
+    8M values per call for large ones; a power of two in [1, 256]."""
     chunk = 256
-    while chunk > 8 and chunk * model_size(graph) > 8_000_000:
+    while chunk > 1 and chunk * model_size(graph) > 8_000_000:
         chunk //= 2
     return chunk
 
@@ -186,8 +194,9 @@ class _Search:
         return q
 
     def ladder_pairs(self, mids: torch.Tensor, dirs: torch.Tensor, stage: str) -> np.ndarray:
-        """Pairs (m - w v, m + w v) over the ladder of widths; returns the best quotient per proposal
-        and remembers the best width."""
+        """Pairs (m - w v, m + w v) over the ladder of widths (w relative to the point's size): a
+        ReLU net is linear only on a neighbourhood, and too narrow a pair measures rounding. Returns
+        the best quotient per proposal."""
         mids, dirs = mids.numpy(), unit(dirs).numpy()
         size = 1.0 + np.linalg.norm(mids.reshape(len(mids), -1), axis=1) / math.sqrt(mids[0].size)
         best = np.zeros(len(mids))
@@ -407,9 +416,9 @@ def _finish(s: _Search, budget: Budget) -> LowerBound:
     return best
 
 
-def recompute(loaded, certificate_lower: dict, output: int | None = None, graph: Graph | None = None) -> float:
-    """The raw quotient ||f32(x) - f32(y)|| / ||x - y|| of a stored pair, recomputed on the file at the
-    stored batch size (for tests and auditors)."""
+def recompute(loaded, certificate_lower: dict, output: int | None = None) -> float:
+    """The raw quotient ||f32(x) - f32(y)|| / ||x - y|| of a stored pair (``lower_bound_search`` of a
+    certificate), recomputed on the file at the stored batch size (for tests and auditors)."""
     x, y = decode(certificate_lower["pair"]["x"]), decode(certificate_lower["pair"]["y"])
     file = FileModel(loaded.reference, x.shape, output)
     pair = np.stack([x, y])
