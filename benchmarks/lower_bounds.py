@@ -87,12 +87,12 @@ def adam_jv(module: nn.Module, shape, steps: int = 400, starts: int = 64, lr: fl
     return best
 
 
-def models(workdir: Path, vnncomp: Path | None, quick: bool) -> list[tuple[str, Path, str]]:
+def models(workdir: Path, vnncomp: Path | None, quick: bool, conv: bool) -> list[tuple[str, Path, str]]:
     out = [(f"fixture {n}", REPO / "fixtures" / f"{n}.onnx", "dense" if n != "cnn_bn" else "conv")
            for n in ("mlp", "resmlp", "cnn_bn")]
     out.append(("GELU MLP 64-64-64-10 (torch)", export(gelu_mlp(), (1, 8, 8), workdir / "gelu.onnx"), "dense"))
     if GLIPSDP.is_dir():
-        for name in ("mlp_L3_W16", "mlp_L5_W32", "mlp_L9_W64") + (() if quick else ("cnn_C3_CH8",)):
+        for name in ("mlp_L3_W16", "mlp_L5_W32", "mlp_L9_W64") + (("cnn_C3_CH8",) if conv else ()):
             out.append((f"GLipSDP {name}", GLIPSDP / f"{name}.onnx", "conv" if name.startswith("cnn") else "dense"))
     out.append(("GLipSDP-family MLP, 17 layers", export(glipsdp_mlp(), (1, 28, 28), workdir / "mlp17.onnx"), "dense"))
     if vnncomp is not None:
@@ -104,7 +104,8 @@ def models(workdir: Path, vnncomp: Path | None, quick: bool) -> list[tuple[str, 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--vnncomp", type=Path, default=None, help="folder with VNN-COMP 2021 ONNX files")
-    p.add_argument("--quick", action="store_true", help="fewer models, no 10x runs")
+    p.add_argument("--quick", action="store_true", help="no 10x runs")
+    p.add_argument("--conv", action="store_true", help="also the GLipSDP CNN cnn_C3_CH8 (slow on a CPU: float64 convolutions)")
     p.add_argument("--method", default="auto", help="certify method for the upper bound column")
     p.add_argument("--json", type=Path, default=None, help="also write the rows as JSON")
     p.add_argument("--only", nargs="*", default=None, help="run only the models whose label contains one of these")
@@ -119,7 +120,7 @@ def main() -> None:
 
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
-        for label, path, kind in models(Path(tmp), args.vnncomp, args.quick):
+        for label, path, kind in models(Path(tmp), args.vnncomp, args.quick, args.conv):
             if args.only is not None and not any(k in label for k in args.only):
                 continue
             loaded = load_model(path)

@@ -78,7 +78,7 @@ class Plan:
             return max(minimum, int(round(count * e)))
 
         return cls(pool=n(clamp(room / 40, 16, 16 * base)), starts=n(base), steps=clamp(room / (9 * base), 10, 150),
-                   power_iters=8, restarts=2, random_pairs=n(clamp(room / 20, 16, 4096)),
+                   power_iters=8, restarts=2, random_pairs=n(clamp(room / 20, 16, min(4096, 100 * base))),
                    candidates=n(clamp(room / 200, 4, 2 * base)), refine_rounds=n(clamp(room / 400, 2, 24)),
                    refine_batch=16, singular_k=4, chunk=chunk_for(graph))
 
@@ -178,6 +178,11 @@ class _Search:
         if label is not None and self.track is not None:
             for _ in self.track([label], f"lower bound: {label}", 1):
                 pass
+
+    def tick(self) -> None:
+        """Raise BudgetExhausted when the user's time cap has run out (no-op without a cap)."""
+        if self.file.budget is not None:
+            self.file.budget.check(self._current or "search")
 
     def quotients(self, x: np.ndarray, y: np.ndarray, stage: str) -> np.ndarray:
         """The file's rounding-corrected quotients of pairs (x_i, y_i) (float64 in, float32 as evaluated)."""
@@ -308,15 +313,15 @@ def _run(s: _Search, graph: Graph, loaded, output, plan: Plan, data) -> None:
     # 2. screen a pool by power iteration on the graph; 3. ascend from the best and from data
     s.stage("screening points on the graph")
     pool, family = _random_points(plan.pool, shape, scale, gen, groups=True)
-    sigma, v = top_singular(graph_fn, pool, plan.power_iters, gen, plan.chunk)
+    sigma, v = top_singular(graph_fn, pool, plan.power_iters, gen, plan.chunk, s.tick)
     keep = _best_per_group(sigma, family, plan.starts)
     x0, v0 = pool[keep], v[keep]
     if data_x is not None:
-        _, dv = top_singular(graph_fn, data_x, plan.power_iters, gen, plan.chunk)
+        _, dv = top_singular(graph_fn, data_x, plan.power_iters, gen, plan.chunk, s.tick)
         x0, v0 = torch.cat([data_x, x0]), torch.cat([dv, v0])
     proposals = [(x0, v0)]
     s.stage("gradient ascent on the graph")
-    xs, vs, qs = pair_ascent(graph_fn, x0, v0, plan.steps, chunk=plan.chunk)
+    xs, vs, qs = pair_ascent(graph_fn, x0, v0, plan.steps, chunk=plan.chunk, tick=s.tick)
     proposals.append((xs, vs))
 
     # 4. restarts around the best points (nearby activation patterns), moving with the step size of
@@ -333,10 +338,10 @@ def _run(s: _Search, graph: Graph, loaded, output, plan: Plan, data) -> None:
             torch.randint(0, 4, (len(base),), generator=gen)].reshape(bshape(base))
         size = (1.0 + base.flatten(1).norm(dim=1) / math.sqrt(base[0].numel())).reshape(bshape(base))
         cand = base + radius * size * torch.randn(base.shape, generator=gen, dtype=torch.float64)
-        sigma, v = top_singular(graph_fn, cand, plan.power_iters, gen, plan.chunk)
+        sigma, v = top_singular(graph_fn, cand, plan.power_iters, gen, plan.chunk, s.tick)
         keep = torch.argsort(torch.nan_to_num(sigma, nan=-1.0), descending=True, stable=True)[: max(1, plan.starts // 2)]
         xr, vr, qr = pair_ascent(graph_fn, cand[keep], v[keep], plan.steps // 2, h_start=1e-2, chunk=plan.chunk,
-                                 step_scales=scales)
+                                 step_scales=scales, tick=s.tick)
         proposals.append((xr, vr))
         xs, vs, qs = torch.cat([xs, xr]), torch.cat([vs, vr]), torch.cat([qs, qr])
 
@@ -345,9 +350,11 @@ def _run(s: _Search, graph: Graph, loaded, output, plan: Plan, data) -> None:
     if torch_fn is not None:
         s.stage("gradient ascent on the torch module")
         try:
-            xt, vt, qt = pair_ascent(torch_fn, x0, v0, plan.steps, chunk=plan.chunk)
+            xt, vt, qt = pair_ascent(torch_fn, x0, v0, plan.steps, chunk=plan.chunk, tick=s.tick)
             proposals.append((xt, vt))
             xs, vs, qs = torch.cat([xs, xt]), torch.cat([vs, vt]), torch.cat([qs, qt])
+        except BudgetExhausted:
+            raise
         except Exception:  # a module the float64 copy cannot run: the graph proposals stand
             pass
 
@@ -355,7 +362,7 @@ def _run(s: _Search, graph: Graph, loaded, output, plan: Plan, data) -> None:
     s.stage("measuring proposals on the file")
     mids = torch.cat([p[0] for p in proposals])
     dirs = torch.cat([p[1] for p in proposals])
-    sigma, _ = top_singular(graph_fn, mids, 2, gen, plan.chunk)  # rank proposals by the graph's local gain
+    sigma, _ = top_singular(graph_fn, mids, 2, gen, plan.chunk, s.tick)  # rank proposals by the graph's local gain
     order = torch.argsort(torch.nan_to_num(sigma, nan=-1.0), descending=True, stable=True)[: plan.candidates]
     s.ladder_pairs(mids[order], dirs[order], "gradient proposals (file)")
     for i in order[: 2].tolist():  # the top singular directions at the two best points

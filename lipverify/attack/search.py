@@ -29,12 +29,15 @@ def flat_out(fn: Fn) -> Fn:
     return lambda x: fn(x).reshape(len(x), -1)
 
 
-def chunked(op: Callable, *tensors: torch.Tensor, chunk: int = CHUNK):
+def chunked(op: Callable, *tensors: torch.Tensor, chunk: int = CHUNK, tick: Callable[[], None] | None = None):
     """Apply ``op`` to fixed-size chunks (the last padded with copies of its last row); concatenate each
-    returned tensor. Fixed shapes keep rounding independent of how many points are processed."""
+    returned tensor. Fixed shapes keep rounding independent of how many points are processed.
+    ``tick`` is called before each chunk (the user's time cap raises from it)."""
     n = len(tensors[0])
     results = []
     for i in range(0, n, chunk):
+        if tick is not None:
+            tick()
         parts = [t[i:i + chunk] for t in tensors]
         pad = chunk - len(parts[0])
         if pad:
@@ -74,7 +77,7 @@ SMALL_OUTPUT = 32  # up to this many outputs the Jacobian is formed row by row a
 
 
 def top_singular(fn: Fn, x: torch.Tensor, iters: int, gen: torch.Generator,
-                 chunk: int = CHUNK) -> tuple[torch.Tensor, torch.Tensor]:
+                 chunk: int = CHUNK, tick: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Per sample: sigma_max(J(x)) and its right singular vector. With few outputs, exactly (the
     Jacobian's rows by reverse mode, then the small Gram matrix J J^T); otherwise ``iters`` steps of
     power iteration on J^T J from a random vector. A proposal only."""
@@ -94,7 +97,7 @@ def top_singular(fn: Fn, x: torch.Tensor, iters: int, gen: torch.Generator,
         return jv(v).detach().norm(dim=1), v
 
     v0 = torch.randn(x.shape, generator=gen, dtype=x.dtype)
-    return chunked(one, x, v0, chunk=chunk)
+    return chunked(one, x, v0, chunk=chunk, tick=tick)
 
 
 def top_singular_block(fn: Fn, x: torch.Tensor, k: int, iters: int, gen: torch.Generator) -> torch.Tensor:
@@ -122,7 +125,8 @@ STEP = 0.01  # Adam step of a coordinate, times point_size / sqrt(input size): ~
 
 
 def pair_ascent(fn: Fn, x0: torch.Tensor, v0: torch.Tensor, steps: int, h_start: float = 3e-2,
-                h_end: float = 1e-5, chunk: int = CHUNK, step_scales: tuple[float, ...] = STEP_SCALES) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                h_end: float = 1e-5, chunk: int = CHUNK, step_scales: tuple[float, ...] = STEP_SCALES,
+                tick: Callable[[], None] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Multi-start Adam on (x, v) maximising the pair quotient, with the half-width h shrinking
     geometrically from ``h_start`` to ``h_end`` (relative to the point's size): wide pairs see the
     activation pattern change (a ReLU net's Jacobian is constant on each piece, so ||J(x) v|| alone has
@@ -143,6 +147,8 @@ def pair_ascent(fn: Fn, x0: torch.Tensor, v0: torch.Tensor, steps: int, h_start:
         best_q = torch.full((len(x0c),), -1.0, dtype=x0c.dtype)
         best_x, best_v = x0c.clone(), unit(v0c)
         for step in range(steps + 1):
+            if tick is not None:
+                tick()
             h = h_start * (h_end / h_start) ** (step / max(1, steps))
             with torch.no_grad():  # score the current iterate
                 x, vn = x0c + size * z, unit(v)
