@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 import platform
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,8 +49,9 @@ class CertifyOptions:
     device: str = "cpu"
     seed: int = 0
     max_L: float | None = None
-    lower_starts: int = 16
-    lower_budget_s: float = 10.0
+    lower_starts: int | None = None  # gradient-ascent starts of the lower bound (None: by model size)
+    lower_effort: float = 1.0  # multiplies every count of the lower-bound search
+    lower_budget_s: float | None = None  # optional wall-clock cap of the lower-bound search
     budget_s: float | None = None
     budget_mem: int | None = None
     method_options: dict = field(default_factory=dict)
@@ -64,11 +65,13 @@ class CertifyOptions:
 
 
 def validate_options(opts: CertifyOptions) -> None:
-    if opts.lower_starts < 1:
+    if opts.lower_starts is not None and opts.lower_starts < 1:
         raise UserInputError("--lower-starts must be at least 1")
+    if not (math.isfinite(opts.lower_effort) and 0 < opts.lower_effort <= 1000):
+        raise UserInputError("--lower-effort must be in (0, 1000]")
     if not 0 <= opts.seed < 2**63:
         raise UserInputError("--seed must be in [0, 2**63)")
-    if not opts.lower_budget_s > 0:
+    if opts.lower_budget_s is not None and not opts.lower_budget_s > 0:
         raise UserInputError("--lower-budget-s must be positive")
     if opts.budget_s is not None and not opts.budget_s > 0:
         raise UserInputError("--budget-s must be positive")
@@ -202,22 +205,31 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
     timings["bound_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
+    lower_cap, capped_by_total = opts.lower_budget_s, False
     if budget.limited:  # the lower-bound search gets at most what is left of --budget-s
-        left = budget.left()
-        if left < opts.lower_budget_s:
-            budget.cut(f"sampled lower bound: searched for {left:.1f} s, what was left of --budget-s, "
-                       f"instead of --lower-budget-s {opts.lower_budget_s:g} s")
-            opts = replace(opts, lower_budget_s=max(left, 1e-3))
+        left = max(budget.left(), 1e-3)
+        if lower_cap is None or left < lower_cap:
+            lower_cap, capped_by_total = left, True
     with progress.stage("sampled lower bound"):
-        lb = lower_bound(bounded.forward, bounded.input_shape, starts=opts.lower_starts, seed=opts.seed,
-                         budget_s=opts.lower_budget_s, data=_data_starts(opts, graph.input_shape))
+        # measured on the user's file; the graph and the torch module only propose where to look
+        lb = lower_bound(loaded, bounded, output=opts.output, seed=opts.seed, effort=opts.lower_effort,
+                         starts=opts.lower_starts, budget_s=lower_cap,
+                         data=_data_starts(opts, graph.input_shape), track=progress)
     timings["lower_s"] = time.perf_counter() - t
+    if lb.cut_by_budget:
+        cap = "what was left of --budget-s" if capped_by_total else f"--lower-budget-s {opts.lower_budget_s:g}"
+        cut = (f"sampled lower bound: {cap} ({lower_cap:.3g} s) cut the search during "
+               f"'{lb.cut_by_budget}' after {lb.evaluations} evaluations of the model")
+        budget.cut(cut)  # a time cut: listed with the others in run.cut_by_budget
+        notes.append(cut)
 
     best = min(results.values(), key=lambda r: r.value)
     for r in results.values():
         if lb.value > r.value * (1 + 1e-9):
             raise SoundnessError(f"BUG: the sampled lower bound {lb.value:.6g} exceeds the certified bound "
-                                 f"{r.value:.6g} of method {r.method}. The certificate is wrong; please report it.")
+                                 f"{r.value:.6g} of method {r.method}: the model file itself stretches a pair of "
+                                 f"inputs (found by {lb.found_by}; stored under lower_bound_search in --json) "
+                                 "by more than the certificate allows. The certificate is wrong; please report it.")
 
     data_summary, radii = None, None
     if opts.data is not None:
@@ -259,6 +271,7 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
         "output": opts.output,
         "certified_bound": best.value,
         "lower_bound": lb.value,
+        "lower_bound_search": lb.as_dict(),
         "ratio": lb.value / best.value if best.value > 0 else 1.0,
         "bounds": {n: r.value for n, r in results.items()},
         "layers": [l.as_dict() for l in best.layers],
@@ -285,7 +298,7 @@ def _options_record(opts: CertifyOptions) -> dict:
     record = {"method": opts.method, "fast": opts.fast, "output": opts.output,
               "input_shape": list(opts.input_shape) if opts.input_shape else None, "spec": opts.spec,
               "activation": opts.activation, "factory": opts.factory, "device": opts.device, "seed": opts.seed,
-              "max_L": opts.max_L, "lower_starts": opts.lower_starts, "lower_budget_s": opts.lower_budget_s,
+              "max_L": opts.max_L, "lower_starts": opts.lower_starts, "lower_effort": opts.lower_effort, "lower_budget_s": opts.lower_budget_s,
               "budget_s": opts.budget_s, "budget_mem": opts.budget_mem, **opts.method_options,
               "min_certified_acc": [{"accuracy": a, "eps": e} for a, e in opts.min_certified_acc]}
     if opts.data is not None:
@@ -335,7 +348,7 @@ def _data_starts(opts: CertifyOptions, input_shape) -> torch.Tensor | None:
     from lipverify.data import iter_batches
 
     for x, _ in iter_batches(opts.data.spec, tuple(input_shape)):
-        return x[: opts.lower_starts]
+        return x[: opts.lower_starts or 32]
     return None
 
 

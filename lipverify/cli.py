@@ -97,8 +97,9 @@ def certify(
     factory: Optional[str] = typer.Option(None, "--factory", help=H_FACTORY),
     device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
     seed: int = typer.Option(0, "--seed", help="Seed of the sampled lower bound, of randomized methods and of --limit's subset."),
-    lower_starts: int = typer.Option(16, "--lower-starts", help="Random starts of the lower-bound search."),
-    lower_budget_s: float = typer.Option(10.0, "--lower-budget-s", help="Time limit (s) of the lower-bound search."),
+    lower_starts: Optional[int] = typer.Option(None, "--lower-starts", help="Gradient-ascent starts of the lower-bound search (default: by model size, 4 to 64)."),
+    lower_effort: float = typer.Option(1.0, "--lower-effort", help="Multiplies the work of the lower-bound search (evaluation and start counts); the result depends on it, never on timing."),
+    lower_budget_s: Optional[float] = typer.Option(None, "--lower-budget-s", help="Optional time cap (s) of the lower-bound search; when it cuts, the output says where."),
     budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Total wall-clock budget (s) for the whole run; when it is spent the remaining work is cut and the output lists exactly what. Default: no time limit."),
     budget_mem: Optional[str] = typer.Option(None, "--budget-mem", help="Memory budget, e.g. 4G: larger models are refused before allocation."),
     sketch_dim: int = typer.Option(32, "--sketch-dim", help="rslmi: dimension of the Gaussian sketch."),
@@ -134,6 +135,7 @@ def certify(
         opts.lower_budget_s = lower_budget_s
         opts.fast = fast
         opts.command = command_line()
+        opts.lower_effort = lower_effort
         if sketch_dim < 1 or sketch_iters < 0 or layerwise_steps < 0:
             raise UserInputError("--sketch-dim must be >= 1; --sketch-iters and --layerwise-steps >= 0")
         opts.method_options.update(sketch_dim=sketch_dim, sketch_iters=sketch_iters, layerwise_steps=layerwise_steps)

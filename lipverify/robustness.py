@@ -124,13 +124,17 @@ def evaluate(graph: Graph, reference, L_global: float, method_names: list[str], 
         summary["L_pairwise"] = [[None if not math.isfinite(v) else float(v) for v in row] for row in L_pair]
 
     summary["pgd_check"] = sanity_attack(graph, np.concatenate(xs) if xs else np.zeros((0,) + shape),
-                                         result, opts, track)
+                                         result, opts, track, reference=reference, logit_tol=tol)
     summary["seconds"] = time.perf_counter() - t0
     return summary, result
 
 
-def sanity_attack(graph: Graph, x_head: np.ndarray, result: RadiiResult, opts: DataOptions, track) -> dict:
-    """PGD inside the certified radius of some certified points: a success is a soundness bug."""
+def sanity_attack(graph: Graph, x_head: np.ndarray, result: RadiiResult, opts: DataOptions, track,
+                  reference=None, logit_tol: float = 0.0) -> dict:
+    """PGD inside the certified radius of some certified points: a success is a soundness bug.
+
+    The graph's gradients propose the points; with ``reference`` (the user's file) the file's own
+    prediction there decides success, so a wrong extraction cannot hide a flip."""
     k = min(len(x_head), opts.attack_samples)
     idx = np.nonzero(result.radius[:k] > 0)[0]
     if len(idx) == 0 or opts.attack_samples <= 0:
@@ -138,9 +142,16 @@ def sanity_attack(graph: Graph, x_head: np.ndarray, result: RadiiResult, opts: D
     x = torch.from_numpy(x_head[idx].astype(np.float64))
     y = torch.from_numpy(result.label[idx])
     radius = torch.from_numpy(result.radius[idx])
-    success = pgd_inside_radius(graph.forward, x, y, radius, steps=opts.attack_steps, restarts=1, seed=0)
+    judge = None
+    if reference is not None:
+        from lipverify.attack.evaluate import FileModel
+
+        judge = FileModel(reference, graph.input_shape)
+    success = pgd_inside_radius(graph.forward, x, y, radius, steps=opts.attack_steps, restarts=1, seed=0,
+                                judge=judge, judge_tol=logit_tol)
     n_success = int(np.sum(success))
     if n_success:
         raise SoundnessError(f"BUG: a PGD attack changed the prediction of {n_success} sample(s) inside their "
                              "certified radius. The certificate is wrong; please report this model.")
-    return {"attacked": int(len(idx)), "successes": 0, "steps": opts.attack_steps}
+    return {"attacked": int(len(idx)), "successes": 0, "steps": opts.attack_steps,
+            "judged_by": "the model file" if judge is not None else "the extracted graph"}

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Residual, export_onnx, external
+from conftest import Residual, export_onnx, external, graph_as_file
 import lipverify.bounds.layerwise  # noqa: F401  (registers the method and its verifier)
 from lipverify.attack import lower_bound
 from lipverify.bounds import METHODS, BoundContext
@@ -71,7 +71,7 @@ def _cnn(act, seed, pool="max") -> Graph:
 def _check_sandwich(g, res, seed=0):
     prod = METHODS["product"].run(g, BoundContext()).value
     assert res.value <= prod * (1 + 1e-12)
-    lb = lower_bound(g.forward, g.input_shape, starts=8, seed=seed, budget_s=1.0, rounds=2)
+    lb = lower_bound(graph_as_file(g), g, starts=8, seed=seed, effort=0.25)
     assert 0 < lb.value <= res.value
     assert "re-checked" in verify(g, res)
     return prod, lb.value

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import external
+from conftest import external, graph_as_file
 import lipverify.bounds.rslmi  # noqa: F401  (registers the method and its verifier)
 from lipverify.attack import lower_bound
 from lipverify.bounds import METHODS, BoundContext
@@ -218,7 +218,7 @@ def test_linear_residual_block_bounded_by_norm_of_identity_plus_branch(merge):
     assert blocks["r"]["factor"] < 1 + float(torch.linalg.svdvals(w)[0])
     prod = _run(g, "product").value
     assert res.value < prod
-    lb = lower_bound(g.forward, g.input_shape, starts=8, seed=0, budget_s=1.5)
+    lb = lower_bound(graph_as_file(g), g, starts=8, seed=0, effort=0.25)
     assert lb.value <= res.value
     verify(g, res)
     bad = {**res.witness, "blocks": {"r": {**blocks["r"], "factor": exact * (1 - 1e-6)}}}
@@ -239,7 +239,7 @@ def test_nonlinear_residual_cnn_bound_above_sampled_lower_bound():
     res = _run(g)
     assert res.witness["blocks"] == {}  # nonlinear branch: 1 + Lip(branch)
     assert res.value == pytest.approx(_run(g, "product").value, rel=1e-9)
-    lb = lower_bound(g.forward, g.input_shape, starts=8, seed=1, budget_s=1.5)
+    lb = lower_bound(graph_as_file(g), g, starts=8, seed=1, effort=0.25)
     assert 0 < lb.value <= res.value
     verify(g, res)
 

@@ -86,7 +86,7 @@ class FinetuneOptions:
     # certification of the exported file
     certify_method: str = "auto"
     lower_starts: int = 8
-    lower_budget_s: float = 10.0
+    lower_budget_s: float | None = None
     # files
     checkpoint: str | None = None
     resume: bool = False
