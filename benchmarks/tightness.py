@@ -8,7 +8,8 @@ CIFAR-size CNN and ResNet-18 at 224x224 (random He / randomized-BN weights, buil
 published FC-R18 file is not part of this checkout).
 
 Each (model, method) runs in a fresh subprocess (load + extract + bound + independent verification);
-the lower bound is ``lipverify.attack.lower_bound`` on the extracted graph, once per model.
+the lower bound is ``lipverify.attack.lower_bound`` measured on the file (default effort, capped by
+``--lower-budget`` seconds), once per model.
 
     python benchmarks/tightness.py                         # everything that is present
     python benchmarks/tightness.py --models cnn_bn cnn_C3_CH8 --methods layerwise lipsdp-graph
@@ -116,9 +117,10 @@ def lower_worker(path: str, budget: float) -> dict:
     from lipverify.certify import build_graph
     from lipverify.load import load_model
 
-    graph, _ = build_graph(load_model(path))
+    loaded = load_model(path)
+    graph, _ = build_graph(loaded)
     t = time.perf_counter()
-    lb = lower_bound(graph.forward, graph.input_shape, starts=8, seed=0, budget_s=budget)
+    lb = lower_bound(loaded, graph, seed=0, budget_s=budget)
     return {"lower": lb.value, "lower_s": time.perf_counter() - t}
 
 

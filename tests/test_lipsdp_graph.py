@@ -83,7 +83,9 @@ def _run(graph, options):
 
 
 def _lower(graph) -> float:
-    return lower_bound(graph.forward, graph.input_shape, starts=4, seed=0, budget_s=1.0).value
+    from conftest import graph_as_file
+
+    return lower_bound(graph_as_file(graph), graph, starts=4, seed=0, effort=0.1).value
 
 
 # ----------------------------------------------------------------------------------------------
@@ -268,7 +270,8 @@ def test_tampered_witness_rejected(freq_cert, name):
 def test_every_frequency_of_the_grid_is_checked(freq_cert):
     g, result = freq_cert
     grid = result.witness["segments"][0]["grid"]
-    detail = verify_lipsdp_graph(g, result.value, result.witness)
+    implied, detail = verify_lipsdp_graph(g, result.value, result.witness)
+    assert implied == result.value  # the method claims exactly what its witness implies
     assert f"{math.prod(grid[:-1]) * (grid[-1] // 2 + 1)} frequencies" in detail
 
 
@@ -372,3 +375,17 @@ def test_skipped_single_activation_stage_is_no_worse(monkeypatch):
     assert any(n.startswith("lipsdp-graph: x -> t1") for n in solved.notes)  # the LMI was solved
     assert not any(n.startswith("lipsdp-graph: x -> t1") for n in skipped.notes)
     assert skipped.value <= solved.value * (1 + 1e-6)
+
+
+def test_spent_budget_keeps_layerwise_and_says_so():
+    from lipverify.timebudget import TimeBudget
+
+    w1 = torch.tensor([1.0, -1.0], dtype=torch.float64).reshape(2, 1, 1, 1)
+    w2 = torch.tensor([1.0, 1.0], dtype=torch.float64).reshape(1, 2, 1, 1)
+    conv = lambda w: Conv(w, None, (1, 1), (0, 0, 0, 0), (1, 1), 1)  # noqa: E731
+    g = _with_layerwise_tail(torch.Generator().manual_seed(0), [(conv(w1), None), (ReLU(), None), (conv(w2), None)])
+    ctx = BoundContext(options={"lipsdp_graph_dense_max": 10}, time_budget=TimeBudget(1e-9))
+    r = METHODS["lipsdp-graph"].run(g, ctx)
+    assert verify(g, r)
+    assert [s["kind"] for s in r.witness["segments"]][0] == "layerwise"
+    assert any(c.startswith("lipsdp-graph: 1 run(s) kept the layerwise factor") for c in ctx.time_budget.cuts)

@@ -32,8 +32,11 @@ from lipverify.ops.conv import Conv
 from lipverify.ops.dense import Scale, Shift
 from lipverify.ops.shape import Reshape
 from lipverify.verifier.lipsdp_graph import LAYERWISE_KEYS, check_segments
+from lipverify.verifier.numbers import sqrt_up
 from lipverify.verifier.scaled import _per_channel, _rebuild_scalings
 
+DEGENERATE_RHO = 1e-100  # below this the network is numerically zero: try the floor
+RHO_FLOOR = 1e-280  # (the checker's Cholesky shift has an absolute 1e-300 term)
 AUTO_MAX_WORK = 2e10  # sum over LMI segments of (matrices x size^3): auto skips larger problems
 
 
@@ -57,7 +60,7 @@ class _Layerwise:
         self.result = METHODS["layerwise"].run(graph, ctx)
         self.scalings = _rebuild_scalings(graph, self.result.witness)
         self.factors = self.result.witness["factors"]
-        self.ratios = self.result.witness["merge_ratios"]
+        self.ratios = self.result.info["merge_ratios"]
         self.graph = graph
 
     def shape(self, name: str) -> list[float]:
@@ -97,8 +100,13 @@ class LipSDPGraph(BoundMethod):
             return METHODS["layerwise"].not_applicable(graph)
         return None
 
-    def fits_auto(self, graph: Graph) -> bool:
+    pair_fallback = "layerwise"
+
+    def fits_auto(self, graph: Graph, device: str = "cpu") -> bool:
         return _work(plan_segments(graph)) <= AUTO_MAX_WORK
+
+    def fits_pairs(self, graph: Graph, n_problems: int, device: str = "cpu") -> bool:
+        return n_problems * _work(plan_segments(graph)) <= AUTO_MAX_WORK
 
     def run(self, graph: Graph, ctx: BoundContext) -> BoundResult:
         start = time.perf_counter()
@@ -107,6 +115,7 @@ class LipSDPGraph(BoundMethod):
             raise SoundnessError("lipsdp-graph: nothing to put in an LMI")
         blocks = runs(plans)
         lw = _Layerwise(graph, ctx) if any(b[0].kind == "layerwise" for b in blocks) else None
+        cut = []  # runs left to layerwise because the user's --budget-s was spent
         tol = float(ctx.options.get("lipsdp_graph_tol", 1e-8))
         weights = {graph.output: [1.0] * graph.shape_of(graph.output)[0]}
         segments, rows, notes = [], [], []
@@ -116,11 +125,22 @@ class LipSDPGraph(BoundMethod):
             shape_in = lw.shape(entry) if lw is not None and entry != graph.input_name else ones_in
             use_lw = block[0].kind == "layerwise" or not any(p.is_lmi for p in block) or \
                 (lw is not None and _cannot_beat_scaled_norm(block))
+            if not use_lw and ctx.time_budget.expired():
+                lw = lw or _Layerwise(graph, ctx)
+                use_lw = True
+                cut.append(f"{entry} -> {exit_}")
             ones_out = [1.0] * graph.shape_of(exit_)[0]
             kappa_out = _kappa(weights[exit_], lw.shape(exit_) if lw is not None and exit_ != graph.output else ones_out)
+            run = None
             if not use_lw:
-                run = solve_run(graph, block, shape_in, weights[exit_], tol,
-                                int(ctx.options.get("lipsdp_graph_opt_freqs", OPT_MAX_FREQS)))
+                try:
+                    run = solve_run(graph, block, shape_in, weights[exit_], tol,
+                                    int(ctx.options.get("lipsdp_graph_opt_freqs", OPT_MAX_FREQS)))
+                except SoundnessError as exc:  # no certified LMI point (e.g. badly conditioned): layerwise
+                    lw = lw or _Layerwise(graph, ctx)
+                    use_lw = True
+                    notes.append(f"lipsdp-graph: {entry} -> {exit_}: layerwise kept ({exc})")
+            if run is not None:
                 factor, how = run.factor / math.sqrt(kappa_out), " + ".join(p.kind for p in block)
                 if lw is not None:
                     # the run was solved for the exit weights it got; compare like with like
@@ -138,12 +158,18 @@ class LipSDPGraph(BoundMethod):
                                  f"back-off {run.info['backoff']:g}")
             if use_lw:
                 c = lw.factor(entry, exit_)
+                # lw may have been built just now (budget, failed LMI): shapes from its scalings
+                shape_in = lw.shape(entry) if entry != graph.input_name else ones_in
+                kappa_out = _kappa(weights[exit_], lw.shape(exit_) if exit_ != graph.output else ones_out)
                 weights[entry] = [kappa_out * c * c * s * (1 + 1e-12) for s in shape_in]
                 segments = [{"kind": "layerwise", "entry": entry, "exit": exit_}] + segments
                 factor, how = c, "layerwise"
             rows.insert(0, LayerBound(name=f"{entry} -> {exit_}", op=how, in_shape=list(graph.shape_of(entry)),
                                       out_shape=list(graph.shape_of(exit_)), factor=factor, lower=None,
                                       how=how))
+        if cut:
+            ctx.time_budget.cut(f"lipsdp-graph: {len(cut)} run(s) kept the layerwise factor instead of an LMI "
+                                f"(--budget-s spent): {', '.join(reversed(cut))}")
         rho = max(weights[graph.input_name])
         witness = {"rho": rho, "segments": segments,
                    "weights": {b: weights[b] for b in [graph.input_name] + [s["exit"] for s in segments]}}
@@ -151,11 +177,15 @@ class LipSDPGraph(BoundMethod):
             witness["layerwise"] = {k: lw.result.witness[k] for k in LAYERWISE_KEYS}
         check_segments(graph, [s for s in segments if s["kind"] == "layerwise"], witness["weights"],
                        witness.get("layerwise"))
-        value = inflate(math.sqrt(rho), 8)
+        if rho < DEGENERATE_RHO:
+            witness = _floor_degenerate(graph, witness)
+        value = sqrt_up(witness["rho"])  # exactly the bound the witness implies
         kinds = ", ".join(s["kind"] for s in segments)
         return BoundResult(method=self.name, value=value, layers=rows,
                            check=f"segment LMIs ({kinds}) re-checked by Cholesky with rounding bounds",
-                           witness=witness, seconds=time.perf_counter() - start, notes=notes)
+                           witness=witness, seconds=time.perf_counter() - start, notes=notes,
+                           info={"plan": [f"{s['kind']} {s['entry']} -> {s['exit']}" for s in segments],
+                                 "budget_cut_runs": list(reversed(cut))})
 
 
 def _cannot_beat_scaled_norm(block: list[SegmentPlan]) -> bool:
@@ -176,6 +206,20 @@ def _cannot_beat_scaled_norm(block: list[SegmentPlan]) -> bool:
     if len(acts) > 1 or len(mixing) > 1:
         return False
     return not acts or (nodes[acts[0]].op.slopes[0] >= 0 and all(i < acts[0] for i in mixing))
+
+
+def _floor_degenerate(graph: Graph, witness: dict) -> dict:
+    """A (numerically) zero network: the solver creeps towards rho = 0; try rho = RHO_FLOOR at the
+    input directly (valid when the input does not reach the output at all) and keep it if it checks."""
+    from lipverify.verifier.lipsdp_graph import verify_lipsdp_graph
+
+    floor = dict(witness, rho=RHO_FLOOR, weights=dict(witness["weights"]))
+    floor["weights"][graph.input_name] = [RHO_FLOOR] * len(witness["weights"][graph.input_name])
+    try:
+        verify_lipsdp_graph(graph, math.sqrt(RHO_FLOOR) * 2, floor)
+    except SoundnessError:
+        return witness
+    return floor
 
 
 def _kappa(weights: list[float], shape: list[float]) -> float:

@@ -86,7 +86,7 @@ class FinetuneOptions:
     # certification of the exported file
     certify_method: str = "auto"
     lower_starts: int = 8
-    lower_budget_s: float = 10.0
+    lower_budget_s: float | None = None
     # files
     checkpoint: str | None = None
     resume: bool = False
@@ -411,7 +411,9 @@ def finetune(model_path, out_path=None, opts: FinetuneOptions | None = None,
         "target_L": target,
         "target_met": L <= target,
         "method": opts.method,
-        "batchnorm": "folded into the adjacent convolution before training (lipverify.graph.simplify)",
+        "batchnorm": ("folded into the adjacent convolution before training (lipverify.graph.simplify)"
+                      if any(n.op_type == "BatchNormalization" for n in loaded.onnx_model.graph.node) else None),
+        "certified_accuracy_form": "global",  # radius margin / (sqrt(2) L) from the certified L
         "settings": opts.settings(),
         "seed": opts.seed,
         "validation": val_name,

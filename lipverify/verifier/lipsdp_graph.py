@@ -211,7 +211,7 @@ def check_segments(graph: Graph, segments: list, weights: dict, layerwise: dict 
     return details
 
 
-def verify_lipsdp_graph(graph: Graph, value: float, witness: dict) -> str:
+def verify_lipsdp_graph(graph: Graph, value: float, witness: dict) -> tuple[float, str]:
     only_keys(witness, {"rho", "segments", "weights", "layerwise"}, "lipsdp-graph")
     rho = claim(witness.get("rho"), "lipsdp-graph: rho", positive=True)
     segments, weights = witness.get("segments"), witness.get("weights")
@@ -242,5 +242,6 @@ def verify_lipsdp_graph(graph: Graph, value: float, witness: dict) -> str:
     if not bool((w_out >= 1.0).all()):
         fail("lipsdp-graph: an output weight is below 1")
     details = check_segments(graph, segments, weights, witness.get("layerwise"))
-    at_least(value, sqrt_up(rho), "lipsdp-graph")
-    return f"{len(segments)} segments re-checked (Cholesky with rounding bounds; {'; '.join(details)})"
+    implied = sqrt_up(rho)
+    at_least(value, implied, "lipsdp-graph")
+    return implied, f"{len(segments)} segments re-checked (Cholesky with rounding bounds; {'; '.join(details)})"
