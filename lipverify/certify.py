@@ -24,6 +24,7 @@ from lipverify.graph.build import build_graph
 from lipverify.graph.ir import Graph
 from lipverify.graph.transform import select_output
 from lipverify.load import load_model
+from lipverify.load.identity import architecture_identity
 from lipverify.progress import as_progress
 from lipverify.timebudget import TimeBudget
 from lipverify.verifier import verify
@@ -265,7 +266,7 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
         "schema_version": SCHEMA_VERSION,
         "model": {"path": str(Path(model_path)), "sha256": loaded.sha256, "format": loaded.format,
                   "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape),
-                  "data_files": loaded.data_files},
+                  "data_files": loaded.data_files, "architecture": architecture_identity(loaded, opts.factory)},
         "method": best.method,
         "method_reason": why,
         "output": opts.output,
