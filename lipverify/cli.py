@@ -63,13 +63,14 @@ def _fail(exc: LipverifyError) -> None:
 
 
 def _options(method, output, input_shape, spec, activation, factory, device, seed, max_l, lower_starts,
-             budget_s=None, budget_mem=None):
+             budget_s=None, budget_mem=None, graph_output=None):
     from lipverify.certify import CertifyOptions
     from lipverify.load.model import parse_shape
 
     return CertifyOptions(method=method, output=output, input_shape=parse_shape(input_shape), spec=spec,
                           activation=activation, factory=factory, device=device, seed=seed, max_L=max_l,
-                          lower_starts=lower_starts, budget_s=budget_s, budget_mem=budget_mem)
+                          lower_starts=lower_starts, budget_s=budget_s, budget_mem=budget_mem,
+                          graph_output=graph_output)
 
 
 @app.command()
@@ -77,6 +78,7 @@ def certify(
     model: str = typer.Argument(..., help="Model file: .onnx, .safetensors (+ spec), .pt/.ts TorchScript, or a state dict with --factory."),
     method: str = typer.Option("auto", "--method", "-m", help="Bound method: auto, all, or a method name (see `lipverify methods`)."),
     output: Optional[int] = typer.Option(None, "--output", help="Bound one logit only (index)."),
+    graph_output: Optional[str] = typer.Option(None, "--graph-output", help="ONNX graph output to certify (by name) when the graph has several."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the certificate as JSON to this path."),
     max_l: Optional[float] = typer.Option(None, "--max-L", help="Gate: exit 1 when the certified bound exceeds this."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28, where the file does not say."),
@@ -113,7 +115,7 @@ def certify(
 
     try:
         opts = _options(method, output, input_shape, spec, activation, factory, device, seed, max_l, lower_starts,
-                        budget_s)
+                        budget_s, graph_output=graph_output)
         from lipverify.budget import parse_bytes
 
         opts.budget_mem = parse_bytes(budget_mem)
@@ -157,6 +159,7 @@ def inspect(
     spec: Optional[str] = typer.Option(None, "--spec", help="Architecture spec for .safetensors."),
     activation: str = typer.Option("relu", "--activation"),
     factory: Optional[str] = typer.Option(None, "--factory"),
+    graph_output: Optional[str] = typer.Option(None, "--graph-output", help="ONNX graph output to inspect (by name) when the graph has several."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the extracted graph as JSON."),
 ):
     """Show the extracted graph: layers, shapes, slopes, and which methods apply."""
@@ -167,7 +170,8 @@ def inspect(
     try:
         if json_path and Path(json_path).resolve() == Path(model).resolve():
             raise UserInputError(f"refusing to overwrite the model file {model} with --json")
-        info = run_inspect(model, _options("auto", None, input_shape, spec, activation, factory, "cpu", 0, None, 0))
+        info = run_inspect(model, _options("auto", None, input_shape, spec, activation, factory, "cpu", 0, None, 0,
+                                           graph_output=graph_output))
         if json_path:
             write_json(json_path, info)
     except LipverifyError as exc:
@@ -185,6 +189,8 @@ def check(
     spec: Optional[str] = typer.Option(None, "--spec"),
     activation: str = typer.Option("relu", "--activation"),
     factory: Optional[str] = typer.Option(None, "--factory"),
+    graph_output: Optional[str] = typer.Option(None, "--graph-output", help="ONNX graph output the certificate "
+                                               "must be about (default: the one it names)."),
     data: Optional[str] = typer.Option(None, "--data", help="The data file the certificate's radii and certified "
                                        "accuracy were computed on: they are recomputed from it."),
     ignore_data: bool = typer.Option(False, "--ignore-data", help="Check the bound only; report results on data "
@@ -199,7 +205,7 @@ def check(
 
     try:
         report = check_certificate(certificate, model, parse_shape(input_shape), spec, activation, factory,
-                                   data_path=data, ignore_data=ignore_data)
+                                   data_path=data, ignore_data=ignore_data, graph_output=graph_output)
     except CertificateInvalid as exc:
         err.print(f"[bold red]INVALID:[/] {exc}", highlight=False)
         raise typer.Exit(EXIT_GATE)

@@ -45,6 +45,7 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     data_files: dict[str, str] = field(default_factory=dict)  # external data file -> sha256
     spec: dict | None = None
+    graph_output: str | None = None  # the ONNX graph output certified (ONNX files; torch modules have one)
 
 
 def sha256_file(path: Path) -> str:
@@ -88,9 +89,11 @@ def _fixed_batch(model: onnx.ModelProto) -> int | None:
     return dims[0][0].dim_value if dims and dims[0] and dims[0][0].dim_value else None
 
 
-def onnx_reference(serialized: bytes, dtype, batched: bool, fixed_batch: int | None) -> Callable[[np.ndarray], np.ndarray]:
+def onnx_reference(serialized: bytes, dtype, batched: bool, fixed_batch: int | None,
+                   output: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """The model as onnxruntime computes it, on a batch: in chunks of a fixed batch size when the file
-    declares one, one sample at a time when the graph has no batch axis."""
+    declares one, one sample at a time when the graph has no batch axis. ``output``: the graph output
+    returned (by name; default the first)."""
     state: dict = {}
 
     def reference(x: np.ndarray) -> np.ndarray:
@@ -103,25 +106,62 @@ def onnx_reference(serialized: bytes, dtype, batched: bool, fixed_batch: int | N
             state["session"] = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
         s = state["session"]
         name = s.get_inputs()[0].name
+        wanted = [output] if output is not None else None
         x = np.asarray(x, dtype=dtype)
         if not batched:
-            return np.stack([np.asarray(s.run(None, {name: sample})[0]) for sample in x]) if len(x) else \
+            return np.stack([np.asarray(s.run(wanted, {name: sample})[0]) for sample in x]) if len(x) else \
                 np.zeros((0,))
         if fixed_batch is None or len(x) == fixed_batch:
-            return s.run(None, {name: x})[0]
+            return s.run(wanted, {name: x})[0]
         outs = []
         for i in range(0, len(x), fixed_batch):
             chunk = x[i:i + fixed_batch]
             pad = fixed_batch - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            outs.append(s.run(None, {name: chunk})[0][: fixed_batch - pad])
+            outs.append(s.run(wanted, {name: chunk})[0][: fixed_batch - pad])
         return np.concatenate(outs)
 
     return reference
 
 
-def load_onnx(path: Path, input_shape=None) -> LoadedModel:
+def choose_graph_output(path: Path, model: onnx.ModelProto, graph_output: str | None) -> tuple[onnx.ModelProto, str, list[str]]:
+    """(the model with only the chosen output, its name, notes). A graph with several outputs is refused
+    unless ``--graph-output`` names one: certifying output 0 silently would say nothing about the others."""
+    names = list(dict.fromkeys(o.name for o in model.graph.output))  # a name listed twice is one output
+    if graph_output is None:
+        if len(names) > 1:
+            raise UserInputError(f"{path}: the ONNX graph has {len(names)} outputs ({', '.join(map(repr, names))}); "
+                                 "lipverify certifies one output tensor: choose it with --graph-output NAME")
+        graph_output = names[0]
+    elif graph_output not in names:
+        raise UserInputError(f"--graph-output {graph_output!r}: the ONNX graph has no such output (its outputs: "
+                             f"{', '.join(map(repr, names))})")
+    if len(model.graph.output) == 1:
+        return model, graph_output, []
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    del pruned.graph.output[:]
+    pruned.graph.output.append(next(o for o in model.graph.output if o.name == graph_output))
+    notes = [f"only graph output {graph_output!r} is certified (the graph has {len(names)} outputs: "
+             f"{', '.join(names)})"] if len(names) > 1 else []
+    return pruned, graph_output, notes
+
+
+def overridable_inputs_note(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs that also have an initializer are weights with an overridable default: a runtime may
+    feed them. Older exporters (IR < 4, keep_initializers_as_inputs) list every weight this way, so they
+    are not refused; the certificate says they are fixed to the file's values."""
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name in inits]
+    if not names:
+        return []
+    shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+    return [f"{len(names)} graph input(s) have a default value in the file and are certified at that value, as "
+            f"fixed weights: {shown}; a runtime that feeds other values computes another function"]
+
+
+def load_onnx(path: Path, input_shape=None, graph_output: str | None = None) -> LoadedModel:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, onnx errors, ...
@@ -157,8 +197,12 @@ def load_onnx(path: Path, input_shape=None) -> LoadedModel:
 
     dtype = input_dtype(model)
     _, batched, _ = input_layout(model, input_shape)
-    reference = onnx_reference(model.SerializeToString(), dtype, batched, _fixed_batch(model) if batched else None)
-    return LoadedModel(path, "onnx", sha256_file(path), model, reference, input_shape, data_files=data_files)
+    # the reference runs the whole file as it is and returns the chosen output by name
+    chosen_model, chosen, notes = choose_graph_output(path, model, graph_output)
+    reference = onnx_reference(model.SerializeToString(), dtype, batched, _fixed_batch(model) if batched else None,
+                               chosen)
+    return LoadedModel(path, "onnx", sha256_file(path), chosen_model, reference, input_shape,
+                       notes=notes + overridable_inputs_note(model), data_files=data_files, graph_output=chosen)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -330,7 +374,8 @@ def load_module(path: Path, factory: str, input_shape=None) -> LoadedModel:
     return _from_torch(path, "module", module, input_shape, [f"built by {factory}"], sha256_file(path))
 
 
-def load_model(path, input_shape=None, spec_path=None, activation="relu", factory=None) -> LoadedModel:
+def load_model(path, input_shape=None, spec_path=None, activation="relu", factory=None,
+               graph_output: str | None = None) -> LoadedModel:
     path = Path(path)
     if not path.exists():
         raise UserInputError(f"{path}: no such file")
@@ -338,11 +383,13 @@ def load_model(path, input_shape=None, spec_path=None, activation="relu", factor
         raise UserInputError(f"{path}: is a directory, expected a model file")
     if isinstance(input_shape, str):
         input_shape = parse_shape(input_shape)
+    suffix = path.suffix.lower()
+    if graph_output is not None and (factory or suffix not in ONNX_SUFFIXES):
+        raise UserInputError("--graph-output applies to ONNX files; a torch module must return one output tensor")
     if factory:
         return load_module(path, factory, input_shape)
-    suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
-        return load_onnx(path, input_shape)
+        return load_onnx(path, input_shape, graph_output)
     if suffix in SAFETENSORS_SUFFIXES:
         return load_safetensors(path, input_shape, spec_path, activation)
     if suffix in TORCHSCRIPT_SUFFIXES:
