@@ -25,7 +25,9 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from lipverify.errors import UserInputError
+from lipverify.errors import LipverifyError, UnsupportedModelError, UnsupportedOperationError, UserInputError
+from lipverify.load.torch_script import check_script_graph, refuse_custom_symbolics
+from lipverify.load.torch_watch import ForwardWatch
 
 ONNX_SUFFIXES = {".onnx"}
 TORCHSCRIPT_SUFFIXES = {".pt", ".pth", ".ts", ".jit", ".torchscript"}
@@ -231,27 +233,44 @@ def _constant(value):
 
 
 def _refuse_tracer_warnings(caught) -> None:
+    """The tracer's own warnings (a Python number taken from a traced size or value) refuse the model too;
+    the model's code may not silence them (``torch_watch`` refuses code that names the warning filters)."""
     for w in caught:
         if issubclass(w.category, torch.jit.TracerWarning):
-            raise UserInputError(f"the model's forward cannot be traced faithfully ({str(w.message).splitlines()[0]}): "
-                                 "data-dependent Python control flow or values would be frozen at one input; "
-                                 "refusing to certify a different function")
+            raise UnsupportedModelError([UnsupportedOperationError(
+                "TracerWarning", f"{Path(w.filename).name}:{w.lineno}",
+                f"the model's forward cannot be traced faithfully ({str(w.message).splitlines()[0]}): data-dependent "
+                "Python control flow or values would be frozen at one input; refusing to certify a different "
+                "function")])
 
 
-def check_torch_semantics(module: torch.nn.Module, example: torch.Tensor) -> None:
-    """Refuse torch models whose ONNX export would compute something else than the module: data-dependent
-    Python control flow (the tracer's warnings are errors) and softplus thresholds whose jump is larger
-    than float32 rounding (the exported ONNX Softplus is smooth)."""
+def _trace(module: torch.nn.Module, example: torch.Tensor, watch: ForwardWatch):
+    """The TorchScript graph of the module: its own for TorchScript, else a trace watched like every call."""
     if isinstance(module, torch.jit.ScriptModule):
-        graph = module.inlined_graph
-    else:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                graph = torch.jit.trace(module, (example,), check_trace=False).inlined_graph
-            except Exception as exc:
-                raise UserInputError(f"could not trace the model: {type(exc).__name__}: {exc}".split("\n")[0]) from exc
-        _refuse_tracer_warnings(caught)
+        return module.inlined_graph
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            traced = watch.run("tracing", lambda x: torch.jit.trace(module, (x,), check_trace=False), example,
+                               compare=True)
+        except LipverifyError:
+            raise
+        except Exception as exc:
+            raise UserInputError(f"could not trace the model: {type(exc).__name__}: {exc}".split("\n")[0]) from exc
+    _refuse_tracer_warnings(caught)
+    return traced.inlined_graph
+
+
+def check_torch_semantics(module: torch.nn.Module, example: torch.Tensor, watch: ForwardWatch | None = None) -> None:
+    """Refuse torch models whose ONNX export would compute something else than the module: forward calls
+    that are not faithful to trace (``torch_watch``; tracer warnings are errors too) and softplus
+    thresholds whose jump is larger than float32 rounding (the exported ONNX Softplus is smooth)."""
+    if watch is None:
+        watch = ForwardWatch(module)
+        with torch.no_grad():
+            watch.run("a call of the module", lambda x: module(x), example)
+    with torch.no_grad():
+        graph = _trace(module, example, watch)
     for node in _graph_nodes(graph):
         if node.kind() == "aten::softplus":
             args = list(node.inputs())
@@ -267,15 +286,59 @@ def check_torch_semantics(module: torch.nn.Module, example: torch.Tensor) -> Non
 
 
 def torch_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """Export a torch module to ONNX, refusing it unless the export computes what the module computes: every
+    call lipverify makes of forward (an eager call, the trace, the export) is watched (``torch_watch``)."""
     example = torch.randn((2,) + tuple(input_shape))
-    check_torch_semantics(module, example)
-    buffer = io.BytesIO()
+    scripted = isinstance(module, torch.jit.ScriptModule)
+    if scripted:  # its graph inlines its submodules
+        check_script_graph(module, 1 + len(input_shape))
+    else:
+        for m in _outermost_scripted(module):  # scripted parts of a Python module (their input rank unknown: 0)
+            check_script_graph(m, 0)
+    warn = torch._C._jit_get_tracer_state_warn()
+    torch._C._jit_set_tracer_state_warn(True)  # the model's import may have turned the tracer's warnings off
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        return _export_watched(module, example, scripted)
+    finally:
+        torch._C._jit_set_tracer_state_warn(warn)
+
+
+def _outermost_scripted(module: torch.nn.Module) -> list:
+    if isinstance(module, torch.jit.ScriptModule):
+        return [module]
+    return [m for child in module.children() for m in _outermost_scripted(child)]
+
+
+def _export_watched(module: torch.nn.Module, example: torch.Tensor, scripted: bool) -> onnx.ModelProto:
+    input_shape = tuple(example.shape[1:])
+    watch = ForwardWatch(module)
+    with torch.no_grad():
+        try:
+            watch.run("a call of the module", lambda x: module(x), example)
+        except LipverifyError:
+            raise
+        except Exception as exc:  # the module's own error on this input shape
+            raise UserInputError(f"the model fails on input shape {tuple(input_shape)}: "
+                                 f"{type(exc).__name__}: {exc}".split("\n")[0]) from exc
+    check_torch_semantics(module, example, watch)
+    refuse_custom_symbolics()
+    buffer = io.BytesIO()
+
+    def export(x):
+        torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=EXPORT_OPSET,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
-            torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=EXPORT_OPSET,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+            if scripted:  # TorchScript is exported from its graph, no Python runs
+                export(example.clone())
+                watch.check_state("the ONNX export")
+            else:
+                watch.run("the ONNX export", export, example, compare=True)
+    except LipverifyError:
+        raise
     except Exception as exc:
         raise UserInputError(f"could not trace the model on input shape {tuple(input_shape)}: "
                              f"{type(exc).__name__}: {exc}".split("\n")[0]) from exc
@@ -285,10 +348,10 @@ def torch_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx
 
 def _torch_reference(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     def reference(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            out = module(torch.from_numpy(np.asarray(x, dtype=np.float32)))
-        if isinstance(out, (tuple, list)):
-            out = out[0]
+        with torch.no_grad():  # a copy: an in-place first layer must not overwrite the caller's array
+            out = module(torch.from_numpy(np.array(x, dtype=np.float32, copy=True)))
+        if not isinstance(out, torch.Tensor):
+            raise UserInputError(f"the module returns {type(out).__name__}, not one tensor")
         return out.detach().float().numpy()
 
     return reference
