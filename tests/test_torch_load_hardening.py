@@ -185,6 +185,19 @@ class GlobalCounter(Dense):
         return self.l(x) * (1000 if COUNT[0] > 12 else 1)
 
 
+class _Tally:
+    calls = 0
+
+
+TALLY = _Tally()
+
+
+class ObjectCounter(Dense):
+    def forward(self, x):
+        TALLY.calls += 1
+        return self.l(x) * (1000 if TALLY.calls > 50 else 1)
+
+
 class MutatesWeight(Dense):
     def forward(self, x):
         self.l.weight.data.mul_(1.5)
@@ -221,6 +234,7 @@ class Tuple(Dense):
 
 @pytest.mark.parametrize("cls, match", [
     (AttributeCounter, "changed the module's state"), (GlobalCounter, "global 'COUNT'"),
+    (ObjectCounter, "global 'TALLY'"),
     (MutatesWeight, "in place"), (TorchRandom, "random"), (PythonRandom, "random"), (Clock, "clock"),
     (DisablesTheWatch, "_DisableTorchDispatch"), (Tuple, "one tensor")])
 def test_stateful_random_and_escaping_forwards_are_refused(cls, match):

@@ -27,6 +27,7 @@ from onnx import numpy_helper
 
 from lipverify.errors import LipverifyError, UnsupportedModelError, UnsupportedOperationError, UserInputError
 from lipverify.load.torch_script import check_script_graph, refuse_custom_symbolics
+from lipverify.load.torch_state import is_lipverify_file
 from lipverify.load.torch_watch import ForwardWatch
 
 ONNX_SUFFIXES = {".onnx"}
@@ -237,8 +238,9 @@ def _refuse_tracer_warnings(caught) -> None:
     the model's code may not silence them (``torch_watch`` refuses code that names the warning filters)."""
     for w in caught:
         if issubclass(w.category, torch.jit.TracerWarning):
+            where = "forward" if is_lipverify_file(w.filename) else f"{Path(w.filename).name}:{w.lineno}"
             raise UnsupportedModelError([UnsupportedOperationError(
-                "TracerWarning", f"{Path(w.filename).name}:{w.lineno}",
+                "TracerWarning", where,
                 f"the model's forward cannot be traced faithfully ({str(w.message).splitlines()[0]}): data-dependent "
                 "Python control flow or values would be frozen at one input; refusing to certify a different "
                 "function")])

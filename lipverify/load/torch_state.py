@@ -70,9 +70,10 @@ def digest_array(t: torch.Tensor) -> str:
     return hashlib.sha256(repr((str(t.dtype), a.shape)).encode() + a.tobytes()).hexdigest()[:20]
 
 
-def digest(v, depth: int = 3) -> str:
+def digest(v, depth: int = 3, own_module: str | None = None) -> str:
     """A digest of plain data (numbers, strings, tensors, arrays and containers of them, ``depth`` levels
-    deep); any other object by identity: a counter kept in plain data is seen, a rebinding is seen."""
+    deep) and of the attributes of instances of ``own_module``'s classes; any other object by identity: a
+    counter kept in plain data or in the model's own objects is seen, a rebinding is seen."""
     h = hashlib.sha256()
 
     def feed(v, depth):
@@ -89,6 +90,10 @@ def digest(v, depth: int = 3) -> str:
             h.update(f"{type(v).__name__}{len(items)}[".encode())
             for item in items[:1000]:
                 feed(item, depth - 1)
+        elif own_module is not None and type(v).__module__ == own_module and hasattr(v, "__dict__") and depth > 0 \
+                and not isinstance(v, (type, types.ModuleType, types.FunctionType, torch.nn.Module)):
+            h.update(f"{type(v).__qualname__}@{id(v)}{{".encode())
+            feed(dict(vars(v)), depth - 1)
         else:
             h.update(f"{type(v).__qualname__}@{id(v)}".encode())
 
@@ -100,7 +105,8 @@ def digest(v, depth: int = 3) -> str:
 
 
 def namespace_digests(g: dict) -> dict[str, str]:
-    return {k: digest(v) for k, v in list(g.items()) if not (k.startswith("__") and k.endswith("__"))}
+    own = g.get("__name__")
+    return {k: digest(v, own_module=own) for k, v in list(g.items()) if not (k.startswith("__") and k.endswith("__"))}
 
 
 def model_classes(module: torch.nn.Module) -> list[type]:
