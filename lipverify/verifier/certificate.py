@@ -107,7 +107,7 @@ def _verify_entry(graph, name: str, entry: dict) -> tuple[float, str]:
 
 
 def check_certificate(cert_path, model_path, input_shape=None, spec=None, activation="relu", factory=None,
-                      data_path=None, ignore_data: bool = False) -> CheckReport:
+                      data_path=None, ignore_data: bool = False, graph_output: str | None = None) -> CheckReport:
     """Raise CertificateInvalid when the certificate does not hold; UserInputError for bad input."""
     from lipverify.graph.build import build_graph
     from lipverify.graph.transform import select_output
@@ -137,7 +137,15 @@ def check_certificate(cert_path, model_path, input_shape=None, spec=None, activa
     report.passed("model file sha256", digest[:16] + "…")
 
     shape = input_shape or tuple(cert["model"].get("input_shape") or ()) or None
-    loaded = load_model(model_path, shape, spec, activation, factory)
+    claimed_output = cert["model"].get("graph_output")
+    if claimed_output is not None and not isinstance(claimed_output, str):
+        raise UserInputError(f"{cert_path}: the certificate's graph_output entry is malformed")
+    if graph_output is not None and graph_output != claimed_output:
+        raise CertificateInvalid(f"the certificate is about graph output {claimed_output!r}, not {graph_output!r}")
+    # without a graph_output entry (older certificates) only a single-output ONNX file loads
+    loaded = load_model(model_path, shape, spec, activation, factory, claimed_output)
+    if loaded.graph_output is not None:
+        report.passed("graph output", f"{loaded.graph_output!r} (the output the certificate names)")
     recorded = cert["model"].get("architecture")
     if not isinstance(recorded, dict):
         raise CertificateInvalid("the certificate does not record the model's architecture (spec, factory code): "
