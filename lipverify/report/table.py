@@ -58,7 +58,10 @@ def layer_table(cert: dict, method: str | None = None, wide: bool = True) -> Tab
         if wide:
             row.append(l.get("how", ""))
         table.add_row(*[Text(c) for c in row])
-    if method.startswith("lipsdp"):
+    if method == "lipsdp-graph":
+        table.caption = ("lipsdp-graph: one row per stage (an LMI or a layerwise stretch), its factor between the "
+                         "weighted norms at its ends")
+    elif method.startswith("lipsdp"):
         table.caption = ("LipSDP bounds the whole chain at once; these are the per-layer norms (their product is "
                          "the product bound)")
     elif cumulative and method == "layerwise":
