@@ -3,6 +3,10 @@
 - ONNX in -> ONNX out: the trained lipverify IR (a torch module) exported with the legacy
   TorchScript-based exporter (``dynamo=False``, opset 17, dynamic batch axis), input ``input``,
   output ``output``. The graph is the IR's (BatchNorm folded), not the original node names.
+  Convolutions with symmetric padding are written as one Conv node with its ``pads`` (the IR's
+  own forward pads explicitly, which would export a Pad node and a Conv on the padded grid: the
+  same function, but certify would then bound the convolution on the larger padded input, a
+  looser norm than the one training aimed at).
 - TorchScript in -> TorchScript out: ``torch.jit.trace`` of the same module.
 - safetensors (+ spec) in -> safetensors + the same spec out: the trained weights are written back
   under the spec's tensor names (every other tensor and the file metadata are kept). A spec
@@ -66,6 +70,38 @@ def check_out_path(model_path: Path, out: Path, fmt: str, force: bool) -> None:
         raise UserInputError(f"--out {out} would overwrite the input's spec {spec_path_for(out)}")
     if out.exists() and out.is_dir():
         raise UserInputError(f"--out {out} is a directory")
+
+
+class ExportForward(torch.nn.Module):
+    """The trainable graph's forward with each symmetric-padded convolution as one native conv."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.module.graph
+        values = {g.input_name: x}
+        for n in g.nodes:
+            args = [values[a] for a in n.inputs]
+            values[n.name] = _native_conv(n.op, args[0]) if _symmetric_conv(n.op) else n.op.forward(*args)
+        return values[g.output]
+
+
+def _symmetric_conv(op) -> bool:
+    if not isinstance(op, Conv) or op.weight.dim() not in (3, 4, 5):
+        return False
+    d = len(op.pads) // 2
+    return tuple(op.pads[:d]) == tuple(op.pads[d:])
+
+
+def _native_conv(op, x: torch.Tensor) -> torch.Tensor:
+    from torch.nn import functional as F
+
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[op.weight.dim()]
+    d = len(op.pads) // 2
+    return conv(x, op.weight, op.bias, stride=op.stride, padding=tuple(op.pads[:d]), dilation=op.dilation,
+                groups=op.groups)
 
 
 def _example(input_shape) -> torch.Tensor:
@@ -183,10 +219,10 @@ def write_model(fmt: str, module, input_shape, out: Path, *, tensors=None, entri
                 metadata=None) -> list[Path]:
     """Write ``module`` (a TrainableGraph) to ``out`` in ``fmt``; returns the files written."""
     if fmt == "onnx":
-        atomic_write_bytes(out, onnx_bytes(module, input_shape))
+        atomic_write_bytes(out, onnx_bytes(ExportForward(module), input_shape))
         return [out]
     if fmt == "torchscript":
-        atomic_write_bytes(out, torchscript_bytes(module, input_shape))
+        atomic_write_bytes(out, torchscript_bytes(ExportForward(module), input_shape))
         return [out]
     if fmt == "safetensors":
         atomic_write_bytes(out, safetensors_bytes(module.trainable, entries, tensors, metadata))
