@@ -48,7 +48,7 @@ def models() -> dict:
     from mnist5k import OUT as MNIST
 
     digits = dict(train=FIX / "digits_train.npz", val=FIX / "digits_test.npz", eps=[0.1],
-                  settings={"beta": 16.0})
+                  settings={})  # the default beta: 1.6 / eps = 16
     mnist = dict(train=MNIST / "train.npz", val=MNIST / "val.npz", eps=[0.5, 1.58], settings={"beta": 2.0})
     return {
         "digits-mlp": dict(digits, model=FIX / "mlp.onnx"),

@@ -123,8 +123,9 @@ def fine_tune(
                             "reported; the margin loss trains for the first."),
     loss: str = typer.Option("auto", "--loss", help="Task loss: margin (scale-free Lipschitz-margin cross-entropy; "
                              "rslmi and lip-loop under auto), ce (plain cross-entropy; project and plain under auto)."),
-    beta: float = typer.Option(16.0, "--beta", help="margin loss: inverse temperature, in units of 1/L_target "
-                               "(larger favours clean accuracy, smaller the certified radius)."),
+    beta: Optional[float] = typer.Option(None, "--beta", help="margin loss: inverse temperature of the logits "
+                                         "divided by L_target (larger favours clean accuracy, smaller the certified "
+                                         "radius; default 1.6 / margin-eps, 16 at eps 0.1)."),
     margin_eps: Optional[float] = typer.Option(None, "--margin-eps", help="margin loss: radius it trains for "
                                                "(default: the first --eps)."),
     x_key: str = typer.Option("x", "--x-key"),
@@ -136,11 +137,13 @@ def fine_tune(
     spec: Optional[str] = typer.Option(None, "--spec", help="Architecture spec (JSON) for a .safetensors file."),
     activation: str = typer.Option("relu", "--activation"),
     sketch_dim: int = typer.Option(8, "--sketch-dim", help="rslmi: sketch size per layer."),
-    sketch_every: int = typer.Option(1, "--sketch-every", help="rslmi: steps that share one sketch."),
-    penalty_every: int = typer.Option(1, "--penalty-every", help="rslmi: evaluate the penalty every k steps "
+    sketch_every: int = typer.Option(4, "--sketch-every", help="rslmi: steps that share one sketch."),
+    penalty_every: int = typer.Option(4, "--penalty-every", help="rslmi: evaluate the penalty every k steps "
                                       "(weighted by k)."),
     alpha: float = typer.Option(0.3, "--alpha", help="rslmi: weight of the sketched-LMI hinge penalty."),
     rho: float = typer.Option(0.3, "--rho", help="lip-loop: ADMM penalty parameter."),
+    device: str = typer.Option("cpu", "--device", help="Training device: cpu, cuda or auto (under torchrun with cuda "
+                               "each rank uses GPU LOCAL_RANK and NCCL). Certification runs on the CPU."),
     certify_method: str = typer.Option("auto", "--certify-method", help="Bound method used to certify the exported file."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint path (default <out>.ckpt)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of an interrupted run (same options)."),
@@ -162,7 +165,8 @@ def fine_tune(
             margin_eps=margin_eps, x_key=x_key, y_key=y_key, label_column=label_column,
             transform=transform, limit=limit, input_shape=parse_shape(input_shape), spec=spec, activation=activation,
             sketch_dim=sketch_dim, sketch_every=sketch_every, penalty_every=penalty_every, alpha=alpha, rho=rho,
-            certify_method=certify_method, checkpoint=checkpoint, resume=resume, force=force, certificate=json_path)
+            device=device, certify_method=certify_method, checkpoint=checkpoint, resume=resume, force=force,
+            certificate=json_path)
         with _Reporter(not quiet and err.is_terminal) as reporter:
             result = finetune(model, out_path, opts, report=reporter)
         if result is None:  # a torchrun worker rank: rank 0 exports, certifies and reports

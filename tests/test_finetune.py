@@ -175,6 +175,7 @@ def _cli():
     ("wrong_shape.npz", "shape", []), ("unlabelled.npz", "--distill", []),
     ("train.npz", "--loss", ["--loss", "hinge"]), ("train.npz", "--eps", ["--eps", "0.1,x"]),
     ("train.npz", "--beta", ["--beta", "0"]), ("train.npz", "--sketch-every", ["--sketch-every", "0"]),
+    ("train.npz", "--device", ["--device", "tpu"]),
 ])
 def test_bad_input_exits_2(small, data, needle, extra):
     from typer.testing import CliRunner
@@ -197,3 +198,15 @@ def test_cli_success_and_same_path_refusal(small):
     assert "certified L" in res.output and (small / "cli.certificate.json").exists()
     res = runner.invoke(_cli(), args + ["--out", str(small / "mlp.onnx")])
     assert res.exit_code == 2 and "refusing" in res.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_matches_the_cpu(small):
+    """The same run on the GPU and on the CPU: the same function up to float reduction order."""
+    kw = dict(target_L=2.0, epochs=1, certify_method="product")
+    cpu = finetune(small / "mlp.onnx", small / "dev_cpu.onnx", _opts(small, **kw))
+    gpu = finetune(small / "mlp.onnx", small / "dev_gpu.onnx", _opts(small, device="cuda", **kw))
+    assert cpu.target_met and gpu.target_met
+    x = np.load(small / "val.npz")["x"]
+    np.testing.assert_allclose(_outputs(small / "dev_cpu.onnx", x), _outputs(small / "dev_gpu.onnx", x),
+                               rtol=1e-3, atol=1e-3)

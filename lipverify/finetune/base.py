@@ -40,8 +40,8 @@ class LayerNorm:
         self.op = node.op
         self.dense = isinstance(node.op, Dense)
         self.in_shape = (int(node.op.weight.shape[1]),) if self.dense else tuple(in_shape)
-        g = torch.Generator().manual_seed(seed)
-        v = torch.randn((1,) + self.in_shape, generator=g, dtype=torch.float32)
+        g = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same start on every device
+        v = torch.randn((1,) + self.in_shape, generator=g, dtype=torch.float32).to(node.op.weight.device)
         self.v = v / v.norm()
         self.sigma = 0.0
 
@@ -76,7 +76,7 @@ class LayerNorm:
         from lipverify.bounds.rslmi import certify_linear
         from lipverify.ops.conv import Conv
 
-        w = self.op.weight.detach().double()
+        w = self.op.weight.detach().double().cpu()
         if self.dense:
             return float(certify_linear(Dense(w), self.in_shape).upper)
         op = self.op
@@ -112,6 +112,7 @@ class Method:
 
     def __init__(self, tg, target: float, opts, seed: int):
         self.tg = tg
+        self.device = tg.device
         self.layers = tg.trainable  # list of IR nodes whose op weights are nn.Parameters
         self.target = float(target)  # the whole network's target L
         self.const = tg.const_factor
@@ -168,7 +169,7 @@ class Method:
 
     def load_state_dict(self, state: dict) -> None:
         for p, v in zip(self.norms, state["power_v"]):
-            p.v = v.clone()
+            p.v = v.to(self.device)
 
 
 class Project(Method):

@@ -35,6 +35,7 @@ class Dist:
     rank: int = 0
     world: int = 1
     backend: str | None = None
+    device: str = "cpu"  # this rank's training device ("cuda:<local rank>" under NCCL)
     owns_group: bool = False  # this call initialized the process group, so it destroys it
 
     @property
@@ -54,7 +55,8 @@ class Dist:
         from torch.nn.parallel import DistributedDataParallel
 
         # broadcast_buffers: the IR has no buffers; every rank starts from the same weights
-        return DistributedDataParallel(module, broadcast_buffers=False)
+        ids = [torch.device(self.device).index] if self.device.startswith("cuda") else None
+        return DistributedDataParallel(module, device_ids=ids, broadcast_buffers=False)
 
     def any(self, flag: bool) -> bool:
         """True on every rank when ``flag`` is true on some rank."""
@@ -62,7 +64,7 @@ class Dist:
             return flag
         import torch.distributed as tdist
 
-        t = torch.tensor([1.0 if flag else 0.0])
+        t = torch.tensor([1.0 if flag else 0.0], device=self.device)
         tdist.all_reduce(t, op=tdist.ReduceOp.MAX)
         return bool(t.item() > 0)
 
@@ -84,19 +86,34 @@ def is_worker_rank() -> bool:
     return int(os.environ.get("WORLD_SIZE", "1")) > 1 and int(os.environ.get("RANK", "0")) != 0
 
 
+def resolve_device(device: str) -> str:
+    """cpu / cuda / auto -> the device to train on (auto: cuda when one is available)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return device
+
+
 def from_env(device: str = "cpu") -> Dist:
-    """The process group torchrun describes in the environment (or a single process)."""
+    """The process group torchrun describes in the environment (or a single process). On CUDA
+    each rank trains on GPU LOCAL_RANK and the group uses NCCL; on the CPU it uses gloo."""
+    device = resolve_device(device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
-        return Dist()
+        return Dist(device=device)
     import torch.distributed as tdist
 
     if not tdist.is_available():
         raise UserInputError("this torch build has no torch.distributed; run fine-tune in one process")
     rank = int(os.environ.get("RANK", "0"))
-    backend = "nccl" if device == "cuda" else "gloo"
+    if device == "cuda":
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if local >= torch.cuda.device_count():
+            raise UserInputError(f"torchrun rank with LOCAL_RANK {local} but only {torch.cuda.device_count()} "
+                                 "CUDA devices; use --nproc_per_node <= the number of GPUs")
+        torch.cuda.set_device(local)
+        device = f"cuda:{local}"
     owns = False
     if not tdist.is_initialized():
-        tdist.init_process_group(backend=backend)
+        tdist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
         owns = True
-    return Dist(rank=rank, world=world, backend=tdist.get_backend(), owns_group=owns)
+    return Dist(rank=rank, world=world, backend=tdist.get_backend(), device=device, owns_group=owns)

@@ -20,12 +20,12 @@ class LipLoop(Method):
     The certificate (certificates.py) is the one ``certify`` reports: LipSDP on dense chains (its
     loop-transformed form certifies exactly the same (rho, T)), layerwise scalings D on everything
     else (convolutions, pooling, residual blocks). Its variables (T, or D) are recomputed once
-    per epoch at the current consensus point. In between, the verified projection reuses them:
-    ``value`` certifies V = W + U for the fixed variables; when it exceeds the target, every
-    layer of V is scaled by c = (target / L)^(1/n) with the variables rescaled to match (both
-    bounds are homogeneous of degree n under this change of variables), so the result certifies
-    c^n times the bound, and it is re-verified. Wbar is thus always a point whose certificate
-    meets the target; at the end the trained W is made feasible the same way and exported.
+    per epoch at the current consensus point. In between, the projection reuses them: ``value``
+    bounds V = W + U for the fixed variables; when it exceeds the target, every layer of V is
+    scaled by c = (target / L)^(1/n) with the variables rescaled to match (both bounds are
+    homogeneous of degree n under this change of variables), so the result meets the target, and
+    it is re-evaluated. At the end the trained W is made feasible the same way, with the
+    variables recomputed the way ``certify`` computes them and the value certified, and exported.
     """
 
     name = "lip-loop"
@@ -75,31 +75,38 @@ class LipLoop(Method):
         est = self.gamma * self.const * torch.stack(sig).prod()
         return torch.clamp(est, min=self.target)
 
-    def _project(self) -> None:
+    def _project(self, final: bool = False) -> None:
         """Wbar, bbar <- a certified point near (W + U, b + Ub): the weights scaled by c each,
-        the biases by c^(k+1) (hidden states scale consistently, the argmax is kept for ReLU)."""
+        the biases by c^(k+1) (hidden states scale consistently, the argmax is kept for ReLU).
+        ``final``: with the certified value (the estimate steers in between)."""
         V = self._consensus()
         n = len(V)
+        # the final point keeps 0.1 % of margin: certify re-extracts the graph from the exported
+        # file and optimizes its own scalings, which can land a hair above ours
+        goal = self.target * (1 - 1e-3) if final else self.target
         total = 1.0
         for _ in range(6):
-            L = self.cert.value(V)
-            if L <= self.target:
+            L = self.cert.value(V, certified=final)
+            if L <= goal:
                 break
             if not math.isfinite(L):  # the variables no longer certify anything: refresh them here
                 self.cert.refresh(V)
                 continue
-            c = (self.target / L * (1 - 1e-4)) ** (1.0 / n)
+            c = (goal / L * (1 - 1e-4)) ** (1.0 / n)
             total *= c
             V = [v * c for v in V]
             self.cert.rescale(c)
+            if not final:  # homogeneity: the scaled point's value is c^n L; no second evaluation
+                L = L * c ** n
+                break
         else:
-            raise RuntimeError("lip-loop: the verified projection did not reach the target")  # pragma: no cover
+            raise RuntimeError("lip-loop: the projection did not reach the target")  # pragma: no cover
         self.bbar = [None if node.op.bias is None else (node.op.bias.detach() + ub) * total ** (k + 1)
                      for k, (node, ub) in enumerate(zip(self.layers, self.Ub))]
         self.Wbar, self.certified, self.last_c = V, L, total
 
     def penalty(self, step):
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
         for k, node in enumerate(self.layers):
             total = total + 0.5 * self.rho * (node.op.weight - self.Wbar[k] + self.U[k]).pow(2).sum() / self.scale[k]
             if node.op.bias is not None:
@@ -121,13 +128,18 @@ class LipLoop(Method):
         self.rho *= float(self.opts.rho_growth)
 
     def finalize(self):
-        """Export the trained W (not Wbar: Wbar's weights were scaled without their biases), made
-        feasible by the bias-aware scaling of ``warm_start`` when it is above the target."""
+        """Export the projection of the trained (W, b) itself (U = 0): Wbar's biases were scaled
+        with its weights (``_project``), so (Wbar, bbar) computes what W computes, up to the output
+        scale."""
         self.U = [torch.zeros_like(u) for u in self.U]
         self.Ub = [None if u is None else torch.zeros_like(u) for u in self.Ub]
         self._refresh(final=True)
-        self._project()
-        self.warm_start([self.last_c] * len(self.layers))
+        self._project(final=True)
+        with torch.no_grad():
+            for node, w, b in zip(self.layers, self.Wbar, self.bbar):
+                node.op.weight.copy_(w)
+                if b is not None:
+                    node.op.bias.copy_(b)
 
     def estimate(self):
         return self.certified, f"{self.cert.kind}(W̄)"
@@ -141,10 +153,9 @@ class LipLoop(Method):
 
     def load_state_dict(self, state):
         super().load_state_dict(state)
-        self.U = [u.clone() for u in state["U"]]
-        self.Wbar = [w.clone() for w in state["Wbar"]]
-        self.Ub = list(state["Ub"])
-        self.bbar = list(state["bbar"])
+        move = lambda ts: [None if t is None else t.to(self.device) for t in ts]  # noqa: E731
+        self.U, self.Wbar = move(state["U"]), move(state["Wbar"])
+        self.Ub, self.bbar = move(state["Ub"]), move(state["bbar"])
         self.last_c = float(state["last_c"])
         self.cert.load_state_dict(state["cert"])
         self.rho = float(state["rho"])

@@ -15,10 +15,13 @@ class RSLMI(Method):
 
     loss + sum_k [ w_tau * log tau_k + alpha * (log lambda_max(S^T A_k^T A_k S) - log tau_k)_+ ]
 
-    - The sketch S (n_k x m, orthonormal columns, so lambda_max(S^T A^T A S) <= ||A||^2 always) is
-      redrawn every ``sketch_every`` steps from a seeded generator and shared by the steps in
-      between (the weights move little in a few steps; the penalty is still evaluated, and
-      differentiated, at the current weights every step). Its first column is the layer's
+    - Cost (the penalty's small ops cost as much as a training step of a small network): the
+      penalty is evaluated every ``penalty_every`` steps with weight ``penalty_every`` (the same
+      pull on average), and the sketch S (n_k x m, orthonormal columns, so
+      lambda_max(S^T A^T A S) <= ||A||^2 always) is redrawn every ``sketch_every`` steps from a
+      seeded generator and shared by the evaluations in between (the weights move little in a
+      few steps; the penalty is still differentiated at the current weights). Both 4 by default:
+      on the digits MLP that brought rslmi from 2.2x to 1.4x the CPU time of a plain epoch. Its first column is the layer's
       persistent power-iteration vector, advanced by one iteration per redraw: a purely random
       m-dimensional sketch of an n-dimensional layer sees only about m/n of the top singular
       direction, so the penalty would barely bite; with the tracked top direction in it, the
@@ -43,7 +46,8 @@ class RSLMI(Method):
 
     def __init__(self, tg, target, opts, seed):
         super().__init__(tg, target, opts, seed)
-        s0 = torch.tensor([2.0 * math.log(max(p.sigma, 1e-12)) for p in self.norms], dtype=torch.float32)
+        s0 = torch.tensor([2.0 * math.log(max(p.sigma, 1e-12)) for p in self.norms], dtype=torch.float32,
+                          device=self.device)
         if opts.warm_start == "clip":  # equal budgets where the layers are above them
             s0 = s0.clamp(max=2.0 * math.log(self.L_train) / len(self.norms))
         self.s = nn.Parameter(s0)
@@ -78,7 +82,7 @@ class RSLMI(Method):
             cols = [p.v.reshape(n, 1)]
             if m > 1:
                 g = torch.Generator().manual_seed((self.seed * 1_000_003 + step) * 131 + k)
-                cols.append(torch.randn(n, m - 1, generator=g, dtype=torch.float32))
+                cols.append(torch.randn(n, m - 1, generator=g, dtype=torch.float32).to(self.device))
             q, _ = torch.linalg.qr(torch.cat(cols, dim=1))
             self.sketches.append(q.T.reshape((q.shape[1],) + p.in_shape))
 
@@ -87,7 +91,7 @@ class RSLMI(Method):
             return None
         if self.sketches is None or step % self.every == 0:
             self._draw(step)
-        total = torch.zeros((), dtype=torch.float32)
+        total = torch.zeros((), dtype=torch.float32, device=self.device)
         for k, p in enumerate(self.norms):
             y = p.apply(self.sketches[k]).reshape(self.sketches[k].shape[0], -1)  # rows: A q_i
             with torch.no_grad():  # top eigenvector of the small m x m Gram matrix
@@ -118,6 +122,6 @@ class RSLMI(Method):
     def load_state_dict(self, state):
         super().load_state_dict(state)
         with torch.no_grad():
-            self.s.copy_(state["s"])
+            self.s.copy_(state["s"].to(self.device))
         self.alpha = float(state["alpha"])
-        self.sketches = None if state["sketches"] is None else [q.clone() for q in state["sketches"]]
+        self.sketches = None if state["sketches"] is None else [q.to(self.device) for q in state["sketches"]]

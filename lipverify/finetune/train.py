@@ -66,7 +66,7 @@ class FinetuneOptions:
     more_eps: tuple[float, ...] = ()  # further radii at which certified accuracy is reported
     # task loss (losses.py): "auto" = the method's default (margin for rslmi/lip-loop, ce for project)
     loss: str = "auto"
-    beta: float = 16.0
+    beta: float | None = None  # None: DEFAULT_BETA_EPS / margin_eps (16 at eps 0.1)
     margin_eps: float | None = None  # None: train for the reported radius eps
     # data reading (mirrors certify's data options)
     x_key: str = "x"
@@ -80,8 +80,8 @@ class FinetuneOptions:
     activation: str = "relu"
     # method settings
     sketch_dim: int = 8
-    sketch_every: int = 1  # rslmi: steps that share one sketch (and one power iteration)
-    penalty_every: int = 1  # rslmi: the penalty is evaluated every k steps, with weight k
+    sketch_every: int = 4  # rslmi: steps that share one sketch (and one power iteration)
+    penalty_every: int = 4  # rslmi: the penalty is evaluated every k steps, with weight k
     alpha: float = 0.3
     alpha_growth: float = 1.0
     tau_weight: float = 0.0
@@ -90,6 +90,7 @@ class FinetuneOptions:
     rho_growth: float = 1.0
     admm_every: int = 10
     # certification of the exported file
+    device: str = "cpu"  # training device: cpu, cuda or auto (certification always runs on the CPU)
     certify_method: str = "auto"
     lower_starts: int = 8
     lower_budget_s: float = 10.0
@@ -148,8 +149,23 @@ class TrainableGraph(nn.Module):
         if not self.trainable:
             raise UserInputError("the model has no dense or convolution layer to fine-tune")
 
+    device = torch.device("cpu")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.graph.forward(x)
+
+    def move(self, device) -> "TrainableGraph":
+        """Put every tensor of the IR on ``device``. Parameters keep their identity (the graph's
+        ops, the optimizer and the methods refer to them), so only their data moves."""
+        device = torch.device(device)
+        for n in self.graph.nodes:
+            for name, value in vars(n.op).items():
+                if isinstance(value, nn.Parameter):
+                    value.data = value.data.to(device)
+                elif isinstance(value, torch.Tensor):
+                    setattr(n.op, name, value.to(device))
+        self.device = device
+        return self
 
 
 # ------------------------------------------------------------------------------------------------
@@ -255,16 +271,21 @@ def load_checkpoint(path: Path) -> dict:
 
 @contextlib.contextmanager
 def _deterministic(seed: int):
-    """One thread and a seeded global generator for the duration of the run (restored after)."""
+    """One thread, seeded global generators and deterministic cuDNN kernels for the duration of
+    the run (restored after). On a GPU, same seed => same numbers holds on the same GPU model and
+    software versions (floating-point reduction orders differ between devices)."""
     threads = torch.get_num_threads()
     rng = torch.get_rng_state()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     torch.set_num_threads(1)
     torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         yield
     finally:
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
 
 
 @contextlib.contextmanager
@@ -322,6 +343,10 @@ def _validate(opts: FinetuneOptions) -> float:
         raise UserInputError(f"--loss {opts.loss!r}: choose one of {', '.join(LOSSES)}")
     if any(not (math.isfinite(e) and e >= 0) for e in (opts.eps, *opts.more_eps)):
         raise UserInputError("--eps values must be finite and >= 0")
+    if opts.device not in ("cpu", "cuda", "auto"):
+        raise UserInputError(f"--device {opts.device!r}: expected cpu, cuda or auto")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda requested but no CUDA device is available (use --device auto or cpu)")
     if opts.sketch_every < 1 or opts.penalty_every < 1:
         raise UserInputError("--sketch-every and --penalty-every must be >= 1")
     if not opts.data:
@@ -396,12 +421,12 @@ def _trainable(run: _Run) -> TrainableGraph:
 
 
 def _task_loss(run: _Run, opts: FinetuneOptions, target: float, teacher_L: float | None):
-    from lipverify.finetune.losses import TaskLoss
+    from lipverify.finetune.losses import TaskLoss, default_beta
     from lipverify.finetune.methods import default_loss
 
     kind = default_loss(opts.method) if opts.loss == "auto" else opts.loss
     margin_eps = opts.eps if opts.margin_eps is None else opts.margin_eps
-    return TaskLoss(kind, target, opts.beta, margin_eps, teacher_L)
+    return TaskLoss(kind, target, default_beta(margin_eps) if opts.beta is None else opts.beta, margin_eps, teacher_L)
 
 
 def finetune(model_path, out_path=None, opts: FinetuneOptions | None = None,
@@ -426,7 +451,7 @@ def finetune(model_path, out_path=None, opts: FinetuneOptions | None = None,
     ex.check_out_path(model_path, out, run.fmt, opts.force)
     cert_path = Path(opts.certificate) if opts.certificate else ex.certificate_path_for(out)
     ckpt_path = Path(opts.checkpoint) if opts.checkpoint else out.with_suffix(out.suffix + ".ckpt")
-    dist = distributed.from_env()
+    dist = distributed.from_env(opts.device)
     try:
         teacher_L = None
         if opts.distill and run.n_classes is not None:  # the margin loss normalizes the teacher by its L
@@ -437,8 +462,10 @@ def finetune(model_path, out_path=None, opts: FinetuneOptions | None = None,
             logits_before = _predict(run.loaded.reference, run.x_va)
             teacher = torch.from_numpy(_predict(run.loaded.reference, run.x_tr)).float() if opts.distill else None
             loss_fn = _task_loss(run, opts, target, teacher_L)
+            tg.move(dist.device)
             history, t_train = _train(tg, opts, target, run.x_tr, run.y_tr, teacher, loss_fn, run.loaded.sha256,
                                       ckpt_path, report if dist.main else (lambda event, **info: None), on_step, dist)
+            tg.move("cpu")
         if not dist.main:
             dist.barrier()
             return None
@@ -544,10 +571,12 @@ def time_training(model_path, opts: FinetuneOptions) -> dict:
     """Train without exporting or certifying (benchmarks: seconds per epoch of each method).
 
     Returns {"seconds", "cpu_seconds": training time including the method's setup, "history": per epoch}."""
+    from lipverify.finetune import distributed
+
     target = _validate(opts)
     run = _prepare(Path(model_path), opts)
     with _deterministic(opts.seed):
-        tg = _trainable(run)
+        tg = _trainable(run).move(distributed.resolve_device(opts.device))
         loss_fn = _task_loss(run, opts, target, None)
         history, clock = _train(tg, replace(opts, resume=False), target, run.x_tr, run.y_tr, None, loss_fn,
                                 run.loaded.sha256, None, lambda event, **info: None, None, None)
@@ -561,7 +590,11 @@ def _train(tg, opts, target, x, y, teacher, loss_fn, sha, ckpt_path, report, on_
     method's setup, per-epoch work and finalization included, checkpoints and progress excluded."""
     from lipverify.finetune.distributed import Dist
 
-    dist = dist or Dist()
+    dist = dist or Dist(device=str(tg.device))
+    device = tg.device
+    x = x.to(device)
+    y = None if y is None else y.to(device)
+    teacher = None if teacher is None else teacher.to(device)
     clock = Stopwatch()
     with clock:
         method = make_method(opts.method, tg, target, opts, opts.seed)
@@ -614,7 +647,7 @@ def _train(tg, opts, target, x, y, teacher, loss_fn, sha, ckpt_path, report, on_
                     clock.start()
                     step_clock.start()
                     batch = order[step * opts.batch_size:(step + 1) * opts.batch_size]
-                    idx = dist.shard(batch)
+                    idx = dist.shard(batch).to(device)
                     out = model(x[idx])
                     per_sample = loss_fn(out, None if y is None else y[idx], None if teacher is None else teacher[idx],
                                          method.loss_scale())
