@@ -6,11 +6,12 @@ therefore *folded* into the adjacent convolution before training (``graph.simpli
 trained as such; input normalization and other fixed scalings stay fixed. Training the IR means
 the penalty acts on exactly the operators the certificate bounds, whatever the input format.
 
-Pipeline: load -> extract IR -> data checks -> accuracy of the original -> train (method penalty /
-projection, checkpoints) -> export in the input's format -> ``certify`` the exported file from
-disk -> if its certified L exceeds the target, exact final correction (scale the output layer by
-target/L, re-export, re-certify) -> accuracy and certified accuracy of the exported file ->
-certificate JSON beside it.
+Pipeline: load -> extract IR -> data checks -> accuracy of the original -> train (task loss from
+losses.py + method penalty / projection, checkpoints; data-parallel under torchrun, see
+distributed.py) -> export in the input's format -> ``certify`` the exported file from disk -> if
+its certified L still exceeds the target, the last resort: an exact output rescale by target/L
+(re-export, re-certify; recorded as ``rescale_factor``) -> accuracy and certified accuracy of the
+exported file -> certificate JSON beside it.
 
 Reproducibility: one thread, ``torch.manual_seed(seed)``, the batch order of epoch e drawn from a
 generator seeded with (seed, e), sketches seeded by (seed, step, layer). A checkpoint holds the
