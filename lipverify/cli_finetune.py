@@ -147,7 +147,6 @@ def fine_tune(
     certify_method: str = typer.Option("auto", "--certify-method", help="Bound method used to certify the exported file."),
     checkpoint: Optional[str] = typer.Option(None, "--checkpoint", help="Checkpoint path (default <out>.ckpt)."),
     resume: bool = typer.Option(False, "--resume", help="Continue from the checkpoint of an interrupted run (same options)."),
-    force: bool = typer.Option(False, "--force", help="Allow --out to be the input file."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Certificate path (default <out stem>.certificate.json)."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars and no table."),
 ):
@@ -165,7 +164,7 @@ def fine_tune(
             margin_eps=margin_eps, x_key=x_key, y_key=y_key, label_column=label_column,
             transform=transform, limit=limit, input_shape=parse_shape(input_shape), spec=spec, activation=activation,
             sketch_dim=sketch_dim, sketch_every=sketch_every, penalty_every=penalty_every, alpha=alpha, rho=rho,
-            device=device, certify_method=certify_method, checkpoint=checkpoint, resume=resume, force=force,
+            device=device, certify_method=certify_method, checkpoint=checkpoint, resume=resume,
             certificate=json_path)
         with _Reporter(not quiet and err.is_terminal) as reporter:
             result = finetune(model, out_path, opts, report=reporter)

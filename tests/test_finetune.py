@@ -86,14 +86,27 @@ def test_round_trip_keeps_the_function(small, name):
         assert json.loads(out.with_suffix(".json").read_text())["layers"] == json.loads(spec_in and Path(spec_in).read_text())["layers"]
 
 
-def test_out_equal_to_input_is_refused(small):
+def test_no_write_lands_on_the_input_model_its_spec_or_the_data(small):
+    """The exported file, the certificate and the checkpoint never overwrite the input model, its
+    spec or a data file (no option allows it), nor each other; nothing is written when refused."""
     src = small / "mlp.onnx"
-    before = _sha(src)
-    with pytest.raises(UserInputError, match="refusing to overwrite"):
-        finetune(src, src, _opts(small, target_L=2.0, epochs=1))
-    with pytest.raises(UserInputError, match="format"):
-        finetune(src, small / "x.pt", _opts(small, target_L=2.0, epochs=1))
-    assert _sha(src) == before
+    before = {p: _sha(p) for p in small.iterdir() if p.is_file()}
+    refused = [
+        (src, {}, "input model"),
+        (small / "m2.onnx", {"certificate": str(src)}, "input model"),
+        (small / "m2.onnx", {"checkpoint": str(src)}, "input model"),
+        (small / "m2.onnx", {"certificate": str(small / "val.npz")}, "data file"),
+        (small / "m2.onnx", {"certificate": str(small / "m2.onnx")}, "same file"),
+        (small / "x.pt", {}, "format"),
+    ]
+    for out, kw, match in refused:
+        with pytest.raises(UserInputError, match=match):
+            finetune(src, out, _opts(small, target_L=2.0, epochs=1, **kw))
+    st = small / "cnn_bn.safetensors"
+    with pytest.raises(UserInputError, match="input's spec"):  # the certificate over the input's spec
+        finetune(st, small / "st2.safetensors", _opts(small, target_L=2.0, epochs=1,
+                                                       certificate=str(small / "cnn_bn.json")))
+    assert {p: _sha(p) for p in small.iterdir() if p.is_file()} == before
 
 
 @pytest.mark.parametrize("model,method,extra", [

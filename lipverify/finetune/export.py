@@ -55,21 +55,34 @@ def certificate_path_for(out: Path) -> Path:
     return out.with_suffix(".certificate.json")
 
 
-def check_out_path(model_path: Path, out: Path, fmt: str, force: bool) -> None:
-    """Refuse to overwrite the input (or its spec), and refuse a different format."""
-    if same_file(model_path, out) and not force:
-        raise UserInputError(f"--out {out} is the input model; refusing to overwrite it (choose another "
-                             "path, or pass --force to replace the input on purpose)")
+def check_out_paths(model_path: Path, fmt: str, out: Path, certificate: Path, checkpoint: Path,
+                    spec_in: Path | None = None, data: tuple = ()) -> None:
+    """Refuse, whatever the options, any write over the input model, its spec or the data files,
+    written paths that collide with each other, and an output in another format than the input."""
     suffix = out.suffix.lower()
     ok = {"onnx": suffix == ".onnx", "torchscript": suffix in TORCHSCRIPT_SUFFIXES,
           "safetensors": suffix in SAFETENSORS_SUFFIXES}.get(fmt, False)
     if not ok:
         raise UserInputError(f"--out {out}: the output keeps the input's format ({fmt}); use a "
                              f"{'.onnx' if fmt == 'onnx' else '.safetensors' if fmt == 'safetensors' else '.pt'} path")
-    if fmt == "safetensors" and same_file(spec_path_for(model_path), spec_path_for(out)) and not force:
-        raise UserInputError(f"--out {out} would overwrite the input's spec {spec_path_for(out)}")
     if out.exists() and out.is_dir():
         raise UserInputError(f"--out {out} is a directory")
+    protected = [("the input model", Path(model_path))]
+    if fmt == "safetensors":
+        protected.append(("the input's spec", Path(spec_in) if spec_in else spec_path_for(Path(model_path))))
+    protected += [("a data file", Path(d)) for d in data if d]
+    written = [("--out", out)]
+    if fmt == "safetensors":
+        written.append(("the output's spec", spec_path_for(out)))
+    written += [("the certificate (--json)", Path(certificate)), ("the checkpoint (--checkpoint)", Path(checkpoint))]
+    for what, path in written:
+        for name, keep in protected:
+            if same_file(path, keep):
+                raise UserInputError(f"{what} {path} is {name}; refusing to overwrite it (choose another path)")
+    for i, (what, path) in enumerate(written):
+        for other, path2 in written[i + 1:]:
+            if same_file(path, path2):
+                raise UserInputError(f"{what} and {other} are the same file {path}; choose different paths")
 
 
 class ExportForward(torch.nn.Module):

@@ -98,12 +98,11 @@ class FinetuneOptions:
     # files
     checkpoint: str | None = None
     resume: bool = False
-    force: bool = False
     certificate: str | None = None
 
     def settings(self) -> dict:
         d = asdict(self)
-        for k in ("checkpoint", "resume", "force", "certificate"):
+        for k in ("checkpoint", "resume", "certificate"):
             d.pop(k)
         d["input_shape"] = list(self.input_shape) if self.input_shape else None
         d["more_eps"] = list(self.more_eps)
@@ -449,9 +448,9 @@ def finetune(model_path, out_path=None, opts: FinetuneOptions | None = None,
     model_path = Path(model_path)
     run = _prepare(model_path, opts)
     out = Path(out_path) if out_path else ex.default_out_path(model_path, target)
-    ex.check_out_path(model_path, out, run.fmt, opts.force)
     cert_path = Path(opts.certificate) if opts.certificate else ex.certificate_path_for(out)
     ckpt_path = Path(opts.checkpoint) if opts.checkpoint else out.with_suffix(out.suffix + ".ckpt")
+    ex.check_out_paths(model_path, run.fmt, out, cert_path, ckpt_path, opts.spec, (opts.data, opts.val))
     dist = distributed.from_env(opts.device)
     try:
         teacher_L = None
