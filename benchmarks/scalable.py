@@ -118,9 +118,10 @@ def lower_worker(path: str, budget: float) -> dict:
     from lipverify.certify import build_graph
     from lipverify.load import load_model
 
-    graph, _ = build_graph(load_model(path))
+    loaded = load_model(path)
+    graph, _ = build_graph(loaded)
     t = time.perf_counter()
-    lb = lower_bound(graph.forward, graph.input_shape, starts=8, seed=0, budget_s=budget, batch=4)
+    lb = lower_bound(loaded, graph, starts=8, seed=0, budget_s=budget)  # measured on the file
     return {"lower": lb.value, "lower_s": time.perf_counter() - t}
 
 
@@ -139,14 +140,14 @@ def main() -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--folder", type=Path, default=None, help="where the .onnx files go (default: temp)")
     p.add_argument("--sketch-dim", type=int, default=32)
-    p.add_argument("--layerwise-seconds", type=float, default=60.0)
+    p.add_argument("--layerwise-steps", type=int, default=300)
     p.add_argument("--lower-budget", type=float, default=20.0)
     p.add_argument("--timeout", type=float, default=900.0)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", nargs=2, metavar=("ONNX", "METHOD"), help=argparse.SUPPRESS)
     p.add_argument("--lower-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
-    options = {"sketch_dim": args.sketch_dim, "layerwise_seconds": args.layerwise_seconds}
+    options = {"sketch_dim": args.sketch_dim, "layerwise_steps": args.layerwise_steps}
     if args.worker:
         print(json.dumps(worker(args.worker[0], args.worker[1], args.device, options)))
         return
@@ -164,7 +165,7 @@ def main() -> None:
         results = {}
         for method in args.methods:
             extra = ["--device", args.device, "--sketch-dim", str(args.sketch_dim),
-                     "--layerwise-seconds", str(args.layerwise_seconds)]
+                     "--layerwise-steps", str(args.layerwise_steps)]
             results[method] = _sub(["--worker", str(path), method] + extra, args.timeout)
             print(model, method, json.dumps(results[method]), flush=True)
         low = _sub(["--lower-worker", str(path), "--lower-budget", str(args.lower_budget)], args.timeout)

@@ -1,8 +1,10 @@
 """Differential soundness campaign over random networks (seeded, resumable).
 
-Every network: build (lipverify.campaign.random_network), export to ONNX, certify with every
+Every honest network: build (lipverify.campaign.random_network), export to ONNX, certify with every
 applicable method, attack the torch model in float64 with an independent strong attack, compare;
-tiny ReLU networks are also compared with their exact Lipschitz constant.
+tiny ReLU networks are also compared with their exact Lipschitz constant. 40 % of the seeds are
+adversarial instead (lipverify.adversarial): a hand-written hostile ONNX file that must be refused or
+certified above every quotient measured on the file, or a mutated certificate that `check` must reject.
 
     python benchmarks/soundness_campaign.py --minutes 25                 # run, append, summarize
     python benchmarks/soundness_campaign.py --count 10000 --jobs 8       # on a bigger machine
@@ -105,7 +107,8 @@ def main(argv=None) -> int:
     p.add_argument("--count", type=int, default=10_000, help="networks to reach (including earlier runs)")
     p.add_argument("--minutes", type=float, default=None, help="stop starting new networks after this")
     p.add_argument("--jobs", type=int, default=1, help="worker processes (1 thread each)")
-    p.add_argument("--family", choices=["tiny_relu", "mlp", "cnn"], default=None)
+    p.add_argument("--family", choices=["tiny_relu", "mlp", "cnn", "adversarial"], default=None,
+                   help="one family only (default: a seeded mix, 40 %% adversarial files)")
     p.add_argument("--lower-starts", type=int, default=2, help="lipverify's own sampled lower bound")
     p.add_argument("--lower-budget-s", type=float, default=0.2)
     p.add_argument("--attack-budget-s", type=float, default=3.0)

@@ -49,6 +49,7 @@ from torch import nn
 
 ACTIVATIONS = ("relu", "leaky_relu", "tanh", "sigmoid", "elu", "softplus", "gelu", "silu")
 FAMILIES = ("tiny_relu", "mlp", "cnn")
+ADVERSARIAL_SHARE = 0.4  # share of seeds that get a hand-written adversarial file (lipverify.adversarial)
 
 # A certified bound below attack * (1 - SOUND_TOL) is a violation. The attack value is a float64
 # difference quotient (relative rounding error ~1e-12 at the step sizes used), so 1e-9 is tight.
@@ -650,6 +651,11 @@ def check_network(seed: int, workdir, *, family: str | None = None, lower_starts
 
     t0 = time.perf_counter()
     rng = np.random.default_rng([seed, 11])
+    if family == "adversarial" or family is None and rng.random() < ADVERSARIAL_SHARE:
+        from lipverify.adversarial import check_case
+
+        with time_limit(timeout_s):
+            return check_case(seed, workdir)
     net = random_network(seed, family)
     fold = bool(rng.random() < 0.5)
     output = None
@@ -777,6 +783,16 @@ def _finish(rec: dict, path: Path, keep_onnx: bool) -> dict:
     return rec
 
 
+def refusal_cause(message: str) -> str:
+    """A short label for why lipverify refused a file: the op and the first words of the reason."""
+    import re
+
+    m = re.search(r"unsupported operation '([^']+)' at node '[^']*': (.*)", message)
+    if m:
+        return f"{m.group(1)}: " + " ".join(m.group(2).split()[:6])
+    return " ".join(message.split()[:8])
+
+
 def summarize(records: list[dict]) -> dict:
     """Counts, ops covered, violations and ratios over campaign records."""
     status: dict[str, int] = {}
@@ -802,8 +818,17 @@ def summarize(records: list[dict]) -> dict:
         for v in r.get("exact_ratios", {}).values():
             exact_worst = min(exact_worst, v)
         seconds += r.get("seconds", 0.0)
+    causes: dict[str, int] = {}
+    families: dict[str, int] = {}
+    for r in records:
+        families[r.get("family", "?")] = families.get(r.get("family", "?"), 0) + 1
+        if r.get("status") == "refused":
+            cause = refusal_cause(r.get("message", ""))
+            causes[cause] = causes.get(cause, 0) + 1
     return {
         "networks": len(records),
+        "families": dict(sorted(families.items())),
+        "refusals_by_cause": dict(sorted(causes.items(), key=lambda kv: -kv[1])),
         "status": status,
         "violations": sum(len(r.get("violations", [])) > 0 for r in records),
         "exit3_refusals": sum(r.get("status") == "soundness_error" for r in records),

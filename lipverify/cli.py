@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import os
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.text import Text
 
 from lipverify.errors import LipverifyError, UserInputError
 
@@ -21,21 +20,17 @@ err = Console(stderr=True)
 
 EXIT_OK, EXIT_GATE, EXIT_INPUT, EXIT_SOUNDNESS = 0, 1, 2, 3
 
+# help shared by the commands that load a model
+H_INPUT_SHAPE = "Per-sample input shape, e.g. 1,28,28, where the file does not say (TorchScript, symbolic ONNX dims)."
+H_SPEC = "Architecture spec (JSON) for a .safetensors file (default: <stem>.json beside it, else an inferred MLP)."
+H_ACTIVATION = "Activation assumed when a safetensors MLP is inferred without a spec."
+H_FACTORY = "package.module:function building the nn.Module for a state-dict file."
 
-@contextlib.contextmanager
-def progress_tracker(enabled: bool):
-    """A ``track(iterable, description, total)`` function drawing rich progress bars on stderr."""
-    if not enabled:
-        yield lambda it, desc, total=None: it
-        return
-    progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                        TimeElapsedColumn(), console=err, transient=True)
 
-    def track(iterable, description, total=None):
-        return progress.track(iterable, total=total, description=description)
-
-    with progress:
-        yield track
+def say_error(label: str, message: str) -> None:
+    """An error line on stderr, never wrapped (CI logs and greps see the whole message) and never
+    read as rich markup (messages quote user text such as ``[0, 1]``)."""
+    err.print(Text.assemble((f"{label}:", "bold red"), " ", str(message)), soft_wrap=True)
 
 
 def _parse_floats(text: str, option: str) -> list[float]:
@@ -57,8 +52,7 @@ def _parse_gate(text: str) -> tuple[float, float]:
 
 
 def _fail(exc: LipverifyError) -> None:
-    label = "soundness failure" if exc.exit_code == EXIT_SOUNDNESS else "error"
-    err.print(f"[bold red]{label}:[/] {exc}", highlight=False)
+    say_error("soundness failure" if exc.exit_code == EXIT_SOUNDNESS else "error", str(exc))
     raise typer.Exit(exc.exit_code)
 
 
@@ -72,56 +66,79 @@ def _options(method, output, input_shape, spec, activation, factory, device, see
                           lower_starts=lower_starts, budget_s=budget_s, budget_mem=budget_mem)
 
 
+def _version(value: bool) -> None:
+    if value:
+        from lipverify.audit import git_commit
+        import lipverify
+
+        git = git_commit()
+        suffix = f" (git {git['commit'][:12]}{', modified' if git['dirty'] else ''})" if git else ""
+        out.print(f"lipverify {lipverify.__version__}{suffix}", highlight=False)
+        raise typer.Exit(EXIT_OK)
+
+
+@app.callback()
+def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the lipverify version (and git commit in a checkout) and exit.")):
+    """Certified L2 Lipschitz bounds for trained neural networks (ONNX, safetensors, TorchScript)."""
+
+
 @app.command()
 def certify(
     model: str = typer.Argument(..., help="Model file: .onnx, .safetensors (+ spec), .pt/.ts TorchScript, or a state dict with --factory."),
-    method: str = typer.Option("auto", "--method", "-m", help="Bound method: auto, all, or a method name (see `lipverify methods`)."),
-    output: Optional[int] = typer.Option(None, "--output", help="Bound one logit only (index)."),
+    method: str = typer.Option("auto", "--method", "-m", help="Bound method: auto (every applicable method within auto's size rules; the tightest is reported), all, or a method name (see `lipverify methods`)."),
+    fast: bool = typer.Option(False, "--fast", help="Quick mode for CI: the product bound only (global and pairwise), seconds even on large models; looser than auto."),
+    output: Optional[int] = typer.Option(None, "--output", help="Bound one logit only (its index); default: the whole output."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the certificate as JSON to this path."),
     max_l: Optional[float] = typer.Option(None, "--max-L", help="Gate: exit 1 when the certified bound exceeds this."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape, e.g. 1,28,28, where the file does not say."),
-    spec: Optional[str] = typer.Option(None, "--spec", help="Architecture spec (JSON) for a .safetensors file."),
-    activation: str = typer.Option("relu", "--activation", help="Activation assumed when a safetensors MLP is inferred without a spec."),
-    factory: Optional[str] = typer.Option(None, "--factory", help="package.module:function building the nn.Module for a state-dict file."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the sampled lower bound and of randomized methods."),
-    lower_starts: int = typer.Option(16, "--lower-starts", help="Random starts of the lower-bound search."),
-    lower_budget_s: float = typer.Option(10.0, "--lower-budget-s", help="Time limit (s) of the lower-bound search."),
-    budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Time budget (s) used by --method auto."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help=H_INPUT_SHAPE),
+    spec: Optional[str] = typer.Option(None, "--spec", help=H_SPEC),
+    activation: str = typer.Option("relu", "--activation", help=H_ACTIVATION),
+    factory: Optional[str] = typer.Option(None, "--factory", help=H_FACTORY),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when available), cpu or cuda."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the sampled lower bound, of randomized methods and of --limit's subset."),
+    lower_starts: Optional[int] = typer.Option(None, "--lower-starts", help="Gradient-ascent starts of the lower-bound search (default: by model size, 4 to 64)."),
+    lower_effort: float = typer.Option(1.0, "--lower-effort", help="Multiplies the work of the lower-bound search (evaluation and start counts); the result depends on it, never on timing."),
+    lower_budget_s: Optional[float] = typer.Option(None, "--lower-budget-s", help="Optional time cap (s) of the lower-bound search; when it cuts, the output says where."),
+    budget_s: Optional[float] = typer.Option(None, "--budget-s", help="Total wall-clock budget (s) for the whole run; when it is spent the remaining work is cut and the output lists exactly what. Default: no time limit."),
     budget_mem: Optional[str] = typer.Option(None, "--budget-mem", help="Memory budget, e.g. 4G: larger models are refused before allocation."),
     sketch_dim: int = typer.Option(32, "--sketch-dim", help="rslmi: dimension of the Gaussian sketch."),
     sketch_iters: int = typer.Option(2, "--sketch-iters", help="rslmi: block power iterations of the sketch."),
-    layerwise_steps: int = typer.Option(300, "--layerwise-steps", help="layerwise: optimisation steps on the scalings."),
-    layerwise_seconds: float = typer.Option(60.0, "--layerwise-seconds", help="layerwise: time cap of the optimisation."),
+    layerwise_steps: int = typer.Option(300, "--layerwise-steps", help="layerwise: Adam steps on the scalings (always run in full unless --budget-s is spent)."),
     data: Optional[str] = typer.Option(None, "--data", help="Dataset for certified radii: .npz, .pt, .safetensors, .csv or an image folder."),
     eps: str = typer.Option("0.1,0.25,0.5", "--eps", help="Comma-separated L2 radii for certified accuracy."),
     x_key: str = typer.Option("x", "--x-key", help="Name of the input array in --data."),
     y_key: str = typer.Option("y", "--y-key", help="Name of the label array in --data."),
     label_column: str = typer.Option("label", "--label-column", help="Label column of a CSV dataset."),
     transform: Optional[str] = typer.Option(None, "--transform", help="Image/array transform, e.g. resize=28,grayscale,to_tensor,normalize=0.1307/0.3081"),
-    limit: Optional[int] = typer.Option(None, "--limit", help="Use N samples (a seeded random subset)."),
+    limit: Optional[int] = typer.Option(None, "--limit", help="Use N samples (a seeded random subset); default: all."),
     batch_size: int = typer.Option(256, "--batch-size", help="Batch size for --data."),
     per_sample: Optional[str] = typer.Option(None, "--per-sample", help="Write per-sample radii to this CSV."),
     report: list[str] = typer.Option([], "--report", help="Write an audit report (.html or .md); repeatable."),
-    min_certified_acc: list[str] = typer.Option([], "--min-certified-acc", help="Gate ACC@EPS, e.g. 0.6@0.25; repeatable."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No tables, no progress bars (exit code and --json only)."),
+    min_certified_acc: list[str] = typer.Option([], "--min-certified-acc", help="Gate ACC@EPS, e.g. 0.6@0.25: exit 1 when certified accuracy at EPS is below ACC; repeatable."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="One summary line (e.g. `PASS L ≤ 78.13 (product) ≤ 100`), no tables, no progress."),
 ):
     """Certify an upper bound on the global L2 Lipschitz constant, with per-layer factors and a sampled lower bound."""
     from lipverify.certify import certify as run_certify, gates_passed
     from lipverify.fileio import write_json
-    from lipverify.report.table import render_certificate
+    from lipverify.report.numbers import gate_check
+    from lipverify.report.progress import make_progress
+    from lipverify.report.table import render_certificate, summary_line
 
     try:
         opts = _options(method, output, input_shape, spec, activation, factory, device, seed, max_l, lower_starts,
                         budget_s)
+        from lipverify.audit import command_line
         from lipverify.budget import parse_bytes
 
         opts.budget_mem = parse_bytes(budget_mem)
         opts.lower_budget_s = lower_budget_s
-        if sketch_dim < 1 or sketch_iters < 0 or layerwise_steps < 0 or not layerwise_seconds >= 0:
-            raise UserInputError("--sketch-dim must be >= 1; --sketch-iters, --layerwise-steps, --layerwise-seconds >= 0")
-        opts.method_options.update(sketch_dim=sketch_dim, sketch_iters=sketch_iters,
-                                   layerwise_steps=layerwise_steps, layerwise_seconds=layerwise_seconds)
+        opts.fast = fast
+        opts.command = command_line()
+        opts.lower_effort = lower_effort
+        if sketch_dim < 1 or sketch_iters < 0 or layerwise_steps < 0:
+            raise UserInputError("--sketch-dim must be >= 1; --sketch-iters and --layerwise-steps >= 0")
+        opts.method_options.update(sketch_dim=sketch_dim, sketch_iters=sketch_iters, layerwise_steps=layerwise_steps)
         opts.per_sample_csv, opts.reports = per_sample, list(report)
         opts.extra_outputs = [json_path] if json_path else []
         opts.min_certified_acc = [_parse_gate(g) for g in min_certified_acc]
@@ -136,28 +153,29 @@ def certify(
             spec_ = DataSpec(path=data, x_key=x_key, y_key=y_key, label_column=label_column, transform=transform,
                              limit=limit, seed=seed, batch_size=batch_size)
             opts.data = DataOptions(spec=spec_, eps=_parse_floats(eps, "--eps"))
-        with progress_tracker(not quiet and err.is_terminal) as track:
-            cert = run_certify(model, opts, track=track)
+        with make_progress(err, quiet) as progress:
+            cert = run_certify(model, opts, track=progress)
         if json_path:
             write_json(json_path, cert)
     except LipverifyError as exc:
         _fail(exc)
-    if not quiet:
+    if quiet:
+        out.print(summary_line(cert), highlight=False, markup=False, soft_wrap=True)
+    else:
         render_certificate(cert, out)
     if not gates_passed(cert):
-        err.print("[bold red]gate failed[/]: " + "; ".join(
-            f"{g['name']}: {g['value']:.6g} > {g['threshold']}" for g in cert["gates"] if not g["passed"]))
+        say_error("gate failed", "; ".join(gate_check(g) for g in cert["gates"] if not g["passed"]))
         raise typer.Exit(EXIT_GATE)
 
 
 @app.command()
 def inspect(
-    model: str = typer.Argument(..., help="Model file."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape where the file does not say."),
-    spec: Optional[str] = typer.Option(None, "--spec", help="Architecture spec for .safetensors."),
-    activation: str = typer.Option("relu", "--activation"),
-    factory: Optional[str] = typer.Option(None, "--factory"),
-    json_path: Optional[str] = typer.Option(None, "--json", help="Write the extracted graph as JSON."),
+    model: str = typer.Argument(..., help="Model file: .onnx, .safetensors (+ spec), .pt/.ts TorchScript, or a state dict with --factory."),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help=H_INPUT_SHAPE),
+    spec: Optional[str] = typer.Option(None, "--spec", help=H_SPEC),
+    activation: str = typer.Option("relu", "--activation", help=H_ACTIVATION),
+    factory: Optional[str] = typer.Option(None, "--factory", help=H_FACTORY),
+    json_path: Optional[str] = typer.Option(None, "--json", help="Write the extracted graph as JSON to this path."),
 ):
     """Show the extracted graph: layers, shapes, slopes, and which methods apply."""
     from lipverify.certify import inspect as run_inspect
@@ -173,33 +191,77 @@ def inspect(
     except LipverifyError as exc:
         _fail(exc)
     render_inspect(info, out)
+    if not info.get("supported", True):
+        raise typer.Exit(2)
 
 
 @app.command()
 def check(
     certificate: str = typer.Argument(..., help="Certificate JSON written by `lipverify certify --json`."),
     model: str = typer.Argument(..., help="The model file the certificate claims to be about."),
-    input_shape: Optional[str] = typer.Option(None, "--input-shape"),
-    spec: Optional[str] = typer.Option(None, "--spec"),
-    activation: str = typer.Option("relu", "--activation"),
-    factory: Optional[str] = typer.Option(None, "--factory"),
+    input_shape: Optional[str] = typer.Option(None, "--input-shape", help=H_INPUT_SHAPE),
+    spec: Optional[str] = typer.Option(None, "--spec", help=H_SPEC),
+    activation: str = typer.Option("relu", "--activation", help=H_ACTIVATION),
+    factory: Optional[str] = typer.Option(None, "--factory", help=H_FACTORY),
+    data: Optional[str] = typer.Option(None, "--data", help="The data file the certificate's radii and certified "
+                                       "accuracy were computed on: they are recomputed from it."),
+    ignore_data: bool = typer.Option(False, "--ignore-data", help="Check the bound only; report results on data "
+                                     "as not verified instead of failing."),
 ):
     """Re-verify a certificate against a model file (float64 linear algebra only, no solver).
 
-    Exit 0 valid, 1 the certificate does not hold for this file, 2 bad input."""
-    from lipverify.check import CertificateInvalid, check_certificate
+    Exit 0 valid, 1 the certificate does not hold for this file (or claims results on data that were not
+    verified), 2 bad input."""
     from lipverify.load.model import parse_shape
+    from lipverify.verifier.certificate import CertificateInvalid, check_certificate
 
     try:
-        report = check_certificate(certificate, model, parse_shape(input_shape), spec, activation, factory)
+        report = check_certificate(certificate, model, parse_shape(input_shape), spec, activation, factory,
+                                   data_path=data, ignore_data=ignore_data)
     except CertificateInvalid as exc:
-        err.print(f"[bold red]INVALID:[/] {exc}", highlight=False)
+        say_error("INVALID", str(exc))
         raise typer.Exit(EXIT_GATE)
     except LipverifyError as exc:
         _fail(exc)
     for step, detail in report.steps:
-        out.print(f"[green]✓[/] {step}: {detail}", highlight=False)
-    out.print("[bold green]VALID[/]: the certificate holds for this model file")
+        out.print(Text.assemble(("✓", "green"), f" {step}: {detail}"), soft_wrap=True)
+    for claim in report.unverified:
+        out.print(Text.assemble(("not verified", "yellow"), f" (--ignore-data): {claim}"), soft_wrap=True)
+    if report.informational:
+        out.print(Text("not verified (they describe the run, not the model): " + ", ".join(report.informational),
+                       style="dim"), soft_wrap=True)
+    out.print("[bold green]VALID[/]: the certificate holds for this model file"
+              + (" (results on data not verified)" if report.unverified else ""))
+
+
+@app.command("report")
+def report_cmd(
+    certificate: str = typer.Argument(..., help="Certificate JSON written by `lipverify certify --json`."),
+    html: Optional[str] = typer.Option(None, "--html", help="Write a self-contained HTML report to this path."),
+    md: Optional[str] = typer.Option(None, "--md", help="Write a Markdown report to this path."),
+):
+    """Render an HTML and/or Markdown report from a certificate alone (no model, no computation).
+
+    The report shows what the certificate claims; `lipverify check` re-verifies it against the model."""
+    from lipverify.certify import write_report
+    from lipverify.fileio import check_writable, read_json_object
+
+    try:
+        if not html and not md:
+            raise UserInputError("give --html PATH and/or --md PATH")
+        targets = [(html, ".html"), (md, ".md")]
+        for path, suffix in targets:
+            if path:
+                if Path(path).resolve() == Path(certificate).resolve():
+                    raise UserInputError(f"refusing to overwrite the certificate {certificate}")
+                check_writable(path)
+        cert = read_json_object(certificate, "certificate (JSON)")
+        for path, suffix in targets:
+            if path:
+                write_report(cert, path, kind=suffix[1:])
+                out.print(f"wrote {path}", highlight=False)
+    except LipverifyError as exc:
+        _fail(exc)
 
 
 @app.command()
@@ -208,7 +270,7 @@ def methods():
     from lipverify.bounds import METHODS
 
     for name, m in METHODS.items():
-        out.print(f"[bold]{name}[/]: {m.description}")
+        out.print(Text.assemble((name, "bold"), f": {m.description}"), soft_wrap=True)
 
 
 def _register_fine_tune() -> None:
@@ -229,9 +291,8 @@ def main() -> None:
     except Exception as exc:  # a bug in lipverify, not a user mistake: say so, keep the traceback on demand
         if os.environ.get("LIPVERIFY_DEBUG"):
             raise
-        err.print(f"[bold red]internal error[/] ({type(exc).__name__}): {exc}\n"
-                  "This is a bug in lipverify; nothing was certified. Re-run with LIPVERIFY_DEBUG=1 for the "
-                  "traceback and please report it.", highlight=False)
+        say_error("internal error", f"({type(exc).__name__}) {exc}\nThis is a bug in lipverify; nothing was "
+                  "certified. Re-run with LIPVERIFY_DEBUG=1 for the traceback and please report it.")
         sys.exit(EXIT_SOUNDNESS)
 
 

@@ -13,8 +13,10 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from lipverify.errors import LipverifyError
+from lipverify.report.numbers import fmt_pct, fmt_up, gate_check
 
 out = Console()
 err = Console(stderr=True)
@@ -64,9 +66,10 @@ class _Reporter:
 
 
 def _fmt(v, pct=False):
+    """Accuracies round down, certified bounds up (never more optimistic than the certificate)."""
     if v is None:
         return "-"
-    return f"{100 * v:.2f}%" if pct else f"{v:.6g}"
+    return fmt_pct(v) if pct else fmt_up(v)
 
 
 def render_finetune(cert: dict, console: Console) -> None:
@@ -77,13 +80,14 @@ def render_finetune(cert: dict, console: Console) -> None:
     table.add_column("fine-tuned", justify="right")
     table.add_row("accuracy", _fmt(ft["accuracy_before"], True), _fmt(ft["accuracy_after"], True))
     table.add_row("certified L", _fmt(ft["source"]["certified_bound"]), _fmt(cert["certified_bound"]))
+    form = ft.get("certified_accuracy_form", "global")
     for e, v in ft["certified_accuracy"].items():
-        table.add_row(f"certified accuracy at ε={e}", _fmt(v["before"], True), _fmt(v["after"], True))
+        table.add_row(f"certified accuracy at ε={e} ({form} radii)", _fmt(v["before"], True), _fmt(v["after"], True))
     table.add_row("certified by", ft["source"]["method"], cert["method"])
     console.print(table)
     for c in ft["final_correction"]:
-        console.print(f"final correction: certified L {c['certified_before']:.6g} > target; {c['how']} "
-                      f"-> {c['certified_after']:.6g}")
+        console.print(f"final correction: certified L {fmt_up(c['certified_before'])} > target; {c['how']} "
+                      f"-> {fmt_up(c['certified_after'])}", highlight=False)
     if ft["final_correction"]:
         cost = ft["final_correction_accuracy_cost"]
         console.print(f"accuracy cost of the correction: {_fmt(cost, True)}; total output rescale "
@@ -91,7 +95,11 @@ def render_finetune(cert: dict, console: Console) -> None:
     else:
         console.print("training met the target by itself (no output rescale)")
     console.print(f"wrote {', '.join(ft['output']['files'])} (sha256 {ft['output']['sha256'][:16]}…)")
-    console.print(f"validation data: {ft['validation']}; BatchNorm: {ft['batchnorm']}")
+    console.print(f"validation data: {ft['validation']}", highlight=False)
+    if ft.get("batchnorm"):
+        console.print(f"BatchNorm: {ft['batchnorm']}", highlight=False)
+    console.print(f"certified accuracies use {form} radii (margin / (√2 L)); `lipverify certify --data` "
+                  "reports pairwise radii, which are never smaller", highlight=False)
 
 
 def _parse_eps(text: str) -> list[float]:
@@ -115,12 +123,12 @@ def fine_tune(
     method: str = typer.Option("rslmi", "--method", "-m", help="rslmi (default), lip-loop (ADMM on the certificate: "
                                "LipSDP on dense chains, layerwise scalings otherwise) or project (baseline)."),
     epochs: int = typer.Option(10, "--epochs", help="Training epochs."),
-    batch_size: int = typer.Option(128, "--batch-size"),
+    batch_size: int = typer.Option(128, "--batch-size", help="Training batch size."),
     lr: float = typer.Option(1e-3, "--lr", help="Adam learning rate."),
     seed: int = typer.Option(0, "--seed", help="Seed of data order, sketches and certification (recorded in the certificate)."),
     distill: bool = typer.Option(False, "--distill", help="Train on unlabelled inputs with the original model as the teacher."),
-    eps: str = typer.Option("0.1", "--eps", help="Radius (or comma-separated radii) at which certified accuracy is "
-                            "reported; the margin loss trains for the first."),
+    eps: str = typer.Option("0.1", "--eps", help="Radius (or comma-separated radii) at which certified accuracy "
+                            "(global radii) is reported; the margin loss trains for the first."),
     loss: str = typer.Option("auto", "--loss", help="Task loss: margin (scale-free Lipschitz-margin cross-entropy; "
                              "rslmi and lip-loop under auto), ce (plain cross-entropy; project and plain under auto)."),
     beta: Optional[float] = typer.Option(None, "--beta", help="margin loss: inverse temperature of the logits "
@@ -128,14 +136,14 @@ def fine_tune(
                                          "radius; default 1.6 / margin-eps, 16 at eps 0.1)."),
     margin_eps: Optional[float] = typer.Option(None, "--margin-eps", help="margin loss: radius it trains for "
                                                "(default: the first --eps)."),
-    x_key: str = typer.Option("x", "--x-key"),
-    y_key: str = typer.Option("y", "--y-key"),
-    label_column: str = typer.Option("label", "--label-column"),
+    x_key: str = typer.Option("x", "--x-key", help="Name of the input array in --data/--val."),
+    y_key: str = typer.Option("y", "--y-key", help="Name of the label array in --data/--val."),
+    label_column: str = typer.Option("label", "--label-column", help="Label column of a CSV dataset."),
     transform: Optional[str] = typer.Option(None, "--transform", help="Data transform, as for certify --data."),
     limit: Optional[int] = typer.Option(None, "--limit", help="Use a random subset of N training samples."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help="Per-sample input shape where the file does not say."),
     spec: Optional[str] = typer.Option(None, "--spec", help="Architecture spec (JSON) for a .safetensors file."),
-    activation: str = typer.Option("relu", "--activation"),
+    activation: str = typer.Option("relu", "--activation", help="Activation assumed when a safetensors MLP is inferred without a spec."),
     sketch_dim: int = typer.Option(8, "--sketch-dim", help="rslmi: sketch size per layer."),
     sketch_every: int = typer.Option(4, "--sketch-every", help="rslmi: steps that share one sketch."),
     penalty_every: int = typer.Option(4, "--penalty-every", help="rslmi: evaluate the penalty every k steps "
@@ -172,11 +180,14 @@ def fine_tune(
             return
     except LipverifyError as exc:
         label = "soundness failure" if exc.exit_code == EXIT_SOUNDNESS else "interrupted" if exc.exit_code == 130 else "error"
-        err.print(f"[bold red]{label}:[/] {exc}", highlight=False)
+        err.print(Text.assemble((f"{label}:", "bold red"), f" {exc}"), soft_wrap=True)
         raise typer.Exit(exc.exit_code)
     if not quiet:
         render_finetune(result.certificate, out)
         out.print(f"certificate: {result.certificate_path}")
     if not result.target_met:
-        err.print(f"[bold red]target not met[/]: certified L {result.certificate['certified_bound']:.6g} > {target_l}")
+        gate = {"name": "target-L", "value": result.certificate["certified_bound"], "threshold": target_l,
+                "passed": False}
+        err.print(Text.assemble(("target not met:", "bold red"), f" certified L {gate_check(gate, with_name=False)}"),
+                  soft_wrap=True)
         raise typer.Exit(EXIT_GATE)

@@ -713,3 +713,20 @@ def load_all(spec: DataSpec, input_shape: tuple[int, ...]) -> tuple[torch.Tensor
         xs.append(xb)
         ys.append(yb)
     return torch.cat(xs), torch.cat(ys)
+
+
+def data_sha256(path) -> str | None:
+    """sha256 of a data file (of the sorted (relative path, file hash) list for an image folder)."""
+    from lipverify.load.model import sha256_file
+
+    p = Path(path)
+    if p.is_file():
+        return sha256_file(p)
+    if p.is_dir():
+        import hashlib
+
+        h = hashlib.sha256()
+        for f in sorted(q for q in p.rglob("*") if q.is_file()):
+            h.update(f"{f.relative_to(p)}\0{sha256_file(f)}\n".encode())
+        return h.hexdigest()
+    return None

@@ -28,6 +28,21 @@ class UnsupportedOperationError(UserInputError):
         super().__init__(msg)
 
 
+class UnsupportedModelError(UnsupportedOperationError):
+    """Several operations of one model cannot be bounded: all of them, each with its node and hint."""
+
+    def __init__(self, problems: list[UnsupportedOperationError], onnx_nodes: list[dict] | None = None):
+        self.problems = list(problems)
+        self.onnx_nodes = onnx_nodes or []  # the model's ONNX nodes (for `inspect`)
+        first = self.problems[0]
+        self.op_type, self.node_name = first.op_type, first.node_name
+        if len(self.problems) == 1:
+            msg = str(first)
+        else:
+            msg = f"{len(self.problems)} unsupported operations:\n" + "\n".join(f"  - {p}" for p in self.problems)
+        UserInputError.__init__(self, msg)
+
+
 class ExtractionMismatchError(UserInputError):
     """The extracted graph does not compute what the original model computes."""
 

@@ -37,6 +37,23 @@ def atomic_write_bytes(path, data: bytes) -> None:
         raise
 
 
+def check_writable(path) -> None:
+    """Refuse, before any work, an output path that cannot be written: a directory, a file whose
+    nearest existing folder is not a folder or not writable (missing folders are created later)."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserInputError(f"{path}: is a directory; give a file name")
+    if path.exists() and not os.access(path, os.W_OK):
+        raise UserInputError(f"cannot write {path}: permission denied")
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise UserInputError(f"cannot write {path}: {parent} is not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise UserInputError(f"cannot write {path}: folder {parent} is not writable")
+
+
 def atomic_write_text(path, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
@@ -55,3 +72,19 @@ def _jsonable(obj):
 
 def write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
+
+
+def read_json_object(path, what: str = "JSON file") -> dict:
+    """A JSON object from ``path``, or a clear error (exit 2)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such {what}")
+    try:
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise UserInputError(f"{path}: not a {what} ({type(exc).__name__})")
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read it ({exc.strerror or exc})")
+    if not isinstance(obj, dict):
+        raise UserInputError(f"{path}: not a {what} (expected a JSON object)")
+    return obj

@@ -62,6 +62,14 @@ class RadiiResult:
         return "global" if self.radius_pairwise is None else "pairwise"
 
 
+# float32 logits: relative rounding allowance (|error| <= LOGIT_REL_TOL * (1 + |logit|_max)), generous
+LOGIT_REL_TOL = 1e-5
+
+
+def model_logits(reference, x: np.ndarray) -> np.ndarray:
+    return np.asarray(reference(x.astype(np.float32)), dtype=np.float64).reshape(len(x), -1)
+
+
 def _eps_key(eps: float) -> str:
     """The JSON/CSV spelling of an eps value: shortest round-trip repr ("0.1", "1e-05")."""
     return repr(float(eps))
@@ -244,6 +252,8 @@ def pgd_inside_radius(
     restarts: int = 2,
     seed: int = 0,
     shrink: float = 1e-4,
+    judge: Callable[[np.ndarray], np.ndarray] | None = None,
+    judge_tol: float = 0.0,
 ) -> np.ndarray:
     """L2 PGD inside each sample's ball; True where it found a point the model does not label y.
 
@@ -253,6 +263,12 @@ def pgd_inside_radius(
     The loss is the CW margin max_{j != y} f_j - f_y; the first restart starts at x, later ones at
     a random point of the ball. Each sample is scored at every step, so the flag means some
     iterate changed the prediction.
+
+    With ``judge`` (the user's file: float32 inputs -> logits) ``model_fn`` only supplies gradients
+    and success is decided by the file at the perturbed point exactly as the file is called: the
+    point is rounded to float32, must still lie in the ball after rounding (x itself as float32 is
+    the centre), and another logit must exceed the label's by more than ``2 * judge_tol`` (the
+    float32 rounding allowance of the logits, as in the radii).
     """
     gen = torch.Generator().manual_seed(int(seed))
     x = x.detach()
@@ -266,17 +282,25 @@ def pgd_inside_radius(
     r_eff = torch.where(active, r * (1.0 - shrink), torch.zeros_like(r))
     view = (-1,) + (1,) * (x.dim() - 1)
     step = (2.5 * r_eff / max(steps, 1)).reshape(view)
+    centre32 = x.numpy().astype(np.float32)
 
     def project(delta: torch.Tensor) -> torch.Tensor:
         norms = delta.flatten(1).norm(dim=1).clamp_min(1e-30)
         factor = torch.clamp(r_eff / norms, max=1.0)
         return delta * factor.reshape(view)
 
-    def fooled(logits: torch.Tensor) -> torch.Tensor:
-        # strict: another logit above the label's (a tie is not a success)
-        f_y = logits.gather(1, y[:, None])[:, 0]
-        other = logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
-        return other > f_y
+    def fooled(logits: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        if judge is None:  # strict: another logit above the label's (a tie is not a success)
+            f_y = logits.gather(1, y[:, None])[:, 0]
+            other = logits.scatter(1, y[:, None], float("-inf")).max(dim=1).values
+            return other > f_y
+        point = (x + delta).detach().numpy().astype(np.float32)
+        moved = np.linalg.norm((point.astype(np.float64) - centre32.astype(np.float64)).reshape(n, -1), axis=1)
+        inside = torch.from_numpy(moved <= r_eff.numpy())
+        out = torch.from_numpy(np.asarray(judge(point), dtype=np.float64).reshape(n, -1))
+        f_y = out.gather(1, y[:, None])[:, 0]
+        other = out.scatter(1, y[:, None], float("-inf")).max(dim=1).values
+        return inside & (other - f_y > 2.0 * judge_tol)
 
     with torch.enable_grad():
         for restart in range(max(restarts, 1)):
@@ -290,7 +314,7 @@ def pgd_inside_radius(
             for _ in range(steps + 1):
                 delta = delta.detach().requires_grad_(True)
                 logits = model_fn(x + delta)
-                success |= fooled(logits.detach()) & active
+                success |= fooled(logits.detach(), delta.detach()) & active
                 if bool(success[active].all()):
                     return success.numpy()
                 f_y = logits.gather(1, y[:, None])[:, 0]

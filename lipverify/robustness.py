@@ -16,17 +16,14 @@ import numpy as np
 import torch
 
 from lipverify.bounds import METHODS, BoundContext
-from lipverify.data import DataSpec, check_labels, count_samples, iter_batches, sample_indices
+from lipverify.data import DataSpec, check_labels, count_samples, data_sha256, iter_batches, sample_indices
 from lipverify.errors import SoundnessError, UserInputError
 from lipverify.graph.ir import Graph
 from lipverify.graph.transform import output_dim, pairwise_difference
-from lipverify.radii import RadiiResult, compute_radii, pgd_inside_radius, summarize
+from lipverify.radii import LOGIT_REL_TOL, RadiiResult, compute_radii, model_logits, pgd_inside_radius, summarize
 from lipverify.verifier import verify
 
-# float32 logits: relative rounding allowance (|error| <= LOGIT_REL_TOL * (1 + |logit|_max)), generous
-LOGIT_REL_TOL = 1e-5
-MAX_PAIRWISE_CLASSES = 32
-PAIRWISE_BUDGET_S = 60.0  # methods projected to take longer over all pairs are skipped for pairs  # C (C-1) / 2 pairwise certificates; beyond this use the global form only
+MAX_PAIRWISE_CLASSES = 32  # C (C-1) / 2 pairwise certificates; beyond this use the global form only
 
 
 @dataclass
@@ -38,44 +35,53 @@ class DataOptions:
     attack_steps: int = 30
 
 
-def pairwise_bounds(graph: Graph, method_names: list[str], ctx: BoundContext, track,
-                    budget_s: float = PAIRWISE_BUDGET_S) -> tuple[np.ndarray, dict]:
+def pair_methods(graph: Graph, method_names: list[str], n_pairs: int, device: str = "cpu") -> tuple[list[str], list[str]]:
+    """The methods run on every logit difference, by a rule on the network (never on measured time):
+    a method whose work over all pairs exceeds its size rule is replaced by its ``pair_fallback``."""
+    chosen, replaced = [], []
+    for name in method_names:
+        method = METHODS[name]
+        if not method.fits_pairs(graph, n_pairs, device) and method.pair_fallback:
+            replaced.append(f"{name} -> {method.pair_fallback} ({n_pairs} pairs exceed {name}'s size rule)")
+            name = method.pair_fallback
+        if name not in chosen:
+            chosen.append(name)
+    return chosen, replaced
+
+
+def pairwise_bounds(graph: Graph, method_names: list[str], ctx: BoundContext, track) -> tuple[np.ndarray, dict]:
     """Symmetric matrix of certified bounds on Lip(f_i - f_j) (the best verified method per pair).
 
-    Each method is timed on the first pair; a method whose projected time over all pairs exceeds
-    ``budget_s`` is dropped for the remaining pairs (the pairs it did bound keep its value).
+    Every pair runs the same methods (``pair_methods``), so the result depends only on the network
+    and the options. The pairs share the network up to the last layer, and the methods use that
+    through ``ctx.cache``: LipSDP warm-starts from a path point of the whole-output solve, the
+    compositional tier and the per-layer norms reuse their hidden-layer work.
     """
     c = output_dim(graph)
     L = np.full((c, c), np.inf)
     np.fill_diagonal(L, 0.0)
-    used: dict[str, int] = {}
+    used: dict = {}
+    certificates: dict[str, dict] = {}  # "i,j" -> the verified certificate of Lip(f_i - f_j)
     pairs = [(i, j) for i in range(c) for j in range(i + 1, c)]
-    active = list(method_names)
-    dropped: list[str] = []
-    for k, (i, j) in enumerate(track(pairs, "pairwise bounds", len(pairs))):
+    names, replaced = pair_methods(graph, method_names, len(pairs), ctx.device)
+    for i, j in track(pairs, "pairwise bounds", len(pairs)):
         g = pairwise_difference(graph, i, j)
-        best, best_name = math.inf, None
-        for name in list(active):
+        best, best_name, best_witness = math.inf, None, None
+        for name in names:
             method = METHODS[name]
             if method.not_applicable(g):
                 continue
-            t = time.perf_counter()
             result = method.run(g, ctx)
             verify(g, result)
-            if k == 0 and len(active) > 1 and (time.perf_counter() - t) * len(pairs) > budget_s:
-                active.remove(name)
-                dropped.append(name)
             if result.value < best:
-                best, best_name = result.value, name
+                best, best_name, best_witness = result.value, name, result.witness
         L[i, j] = L[j, i] = best
         used[best_name] = used.get(best_name, 0) + 1
-    if dropped:
-        used["dropped_for_time"] = dropped
+        certificates[f"{i},{j}"] = {"method": best_name, "value": best, "witness": best_witness}
+    if replaced:
+        used["replaced_by_size_rule"] = replaced
+    used["certificates"] = certificates
     return L, used
-
-
-def model_logits(reference, x: np.ndarray) -> np.ndarray:
-    return np.asarray(reference(x.astype(np.float32)), dtype=np.float64).reshape(len(x), -1)
 
 
 def evaluate(graph: Graph, reference, L_global: float, method_names: list[str], ctx: BoundContext,
@@ -108,19 +114,27 @@ def evaluate(graph: Graph, reference, L_global: float, method_names: list[str], 
     result = compute_radii(logits_arr, labels, L_global, L_pair, opts.eps, index=sample_indices(opts.spec),
                            logit_tol=tol)
     summary = summarize(result, opts.eps)
-    summary.update({"path": str(opts.spec.path), "L_global": L_global, "logit_tolerance": tol,
-                    "pairwise_methods": used})
+    certificates = used.pop("certificates", {}) if used else {}
+    summary.update({"path": str(opts.spec.path), "sha256": data_sha256(opts.spec.path), "L_global": L_global,
+                    "logit_tolerance": tol, "eps": [float(e) for e in opts.eps], "pairwise_methods": used,
+                    "spec": {k: getattr(opts.spec, k) for k in ("x_key", "y_key", "label_column", "transform",
+                                                                "limit", "seed", "batch_size")},
+                    "pairwise_certificates": certificates})
     if L_pair is not None:
         summary["L_pairwise"] = [[None if not math.isfinite(v) else float(v) for v in row] for row in L_pair]
 
     summary["pgd_check"] = sanity_attack(graph, np.concatenate(xs) if xs else np.zeros((0,) + shape),
-                                         result, opts, track)
+                                         result, opts, track, reference=reference, logit_tol=tol)
     summary["seconds"] = time.perf_counter() - t0
     return summary, result
 
 
-def sanity_attack(graph: Graph, x_head: np.ndarray, result: RadiiResult, opts: DataOptions, track) -> dict:
-    """PGD inside the certified radius of some certified points: a success is a soundness bug."""
+def sanity_attack(graph: Graph, x_head: np.ndarray, result: RadiiResult, opts: DataOptions, track,
+                  reference=None, logit_tol: float = 0.0) -> dict:
+    """PGD inside the certified radius of some certified points: a success is a soundness bug.
+
+    The graph's gradients propose the points; with ``reference`` (the user's file) the file's own
+    prediction there decides success, so a wrong extraction cannot hide a flip."""
     k = min(len(x_head), opts.attack_samples)
     idx = np.nonzero(result.radius[:k] > 0)[0]
     if len(idx) == 0 or opts.attack_samples <= 0:
@@ -128,9 +142,16 @@ def sanity_attack(graph: Graph, x_head: np.ndarray, result: RadiiResult, opts: D
     x = torch.from_numpy(x_head[idx].astype(np.float64))
     y = torch.from_numpy(result.label[idx])
     radius = torch.from_numpy(result.radius[idx])
-    success = pgd_inside_radius(graph.forward, x, y, radius, steps=opts.attack_steps, restarts=1, seed=0)
+    judge = None
+    if reference is not None:
+        from lipverify.attack.evaluate import FileModel
+
+        judge = FileModel(reference, graph.input_shape)
+    success = pgd_inside_radius(graph.forward, x, y, radius, steps=opts.attack_steps, restarts=1, seed=0,
+                                judge=judge, judge_tol=logit_tol)
     n_success = int(np.sum(success))
     if n_success:
         raise SoundnessError(f"BUG: a PGD attack changed the prediction of {n_success} sample(s) inside their "
                              "certified radius. The certificate is wrong; please report this model.")
-    return {"attacked": int(len(idx)), "successes": 0, "steps": opts.attack_steps}
+    return {"attacked": int(len(idx)), "successes": 0, "steps": opts.attack_steps,
+            "judged_by": "the model file" if judge is not None else "the extracted graph"}

@@ -71,6 +71,19 @@ def sequential_from_weights(weights, biases=None, activation=torch.nn.ReLU) -> t
     return torch.nn.Sequential(*layers)
 
 
+def graph_as_file(graph):
+    """A hand-built graph in the role of the user's file (float32 inputs, float64 outputs), for the
+    file-based lower bound in tests of bound methods that have no model file."""
+    import numpy as np
+    from types import SimpleNamespace
+
+    def reference(x):
+        with torch.no_grad():
+            return graph.forward(torch.from_numpy(np.asarray(x, dtype=np.float32).astype(np.float64))).numpy()
+
+    return SimpleNamespace(reference=reference, torch_module=None)
+
+
 @pytest.fixture
 def tmp(tmp_path):
     return tmp_path

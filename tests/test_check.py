@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from conftest import FIXTURES
 from lipverify.certify import CertifyOptions, certify
-from lipverify.check import CertificateInvalid, check_certificate
+from lipverify.verifier.certificate import CertificateInvalid, check_certificate
 from lipverify.cli import app
 
 runner = CliRunner()

@@ -226,3 +226,126 @@ def test_huge_seed_with_data_is_refused(small_onnx):
     r = run("certify", FIXTURES / "mlp.onnx", "--seed", str(2**70), "--data", FIXTURES / "digits_test.npz")
     assert r.exit_code == 2 and "--seed" in r.output
     assert run("certify", FIXTURES / "mlp.onnx", "--data", FIXTURES / "digits_test.npz", "--batch-size", "-1").exit_code == 2
+
+
+# ---------------------------------------------------------------------------------------------
+# issue 14: quick, honest and reproducible to use
+# ---------------------------------------------------------------------------------------------
+
+
+def test_quiet_prints_one_summary_line(small_onnx):
+    r = run("certify", small_onnx, "--max-L", "1e9", "-q", *FAST)
+    assert r.exit_code == 0, r.output
+    lines = [l for l in r.stdout.splitlines() if l.strip()]
+    assert len(lines) == 1 and lines[0].startswith("PASS L ≤ ") and lines[0].endswith(" ≤ 1000000000"), lines
+
+
+def test_gate_message_shows_why_it_failed(small_onnx, tmp_path):
+    r = run("certify", small_onnx, "--method", "product", "--json", tmp_path / "c.json", *FAST)
+    bound = json.loads((tmp_path / "c.json").read_text())["certified_bound"]
+    threshold = float(f"{bound * (1 - 1e-9):.12g}")  # below the bound in the 10th digit
+    r = run("certify", small_onnx, "--method", "product", "--max-L", repr(threshold), *FAST)
+    assert r.exit_code == 1
+    line = next(l for l in r.output.splitlines() if l.startswith("gate failed"))
+    value, op, shown_threshold = line.split("max-L: ")[1].split(" ")
+    assert op == ">" and float(shown_threshold) == threshold
+    assert float(value) > threshold and float(value) >= bound  # enough digits, rounded up
+
+
+def test_output_paths_are_checked_before_any_work(small_onnx, tmp_path, monkeypatch):
+    import lipverify.certify as certify_module
+
+    def must_not_load(*a, **k):
+        raise AssertionError("the model was loaded before the output paths were checked")
+
+    monkeypatch.setattr(certify_module, "load_model", must_not_load)
+    (tmp_path / "a_file").write_text("x")
+    (tmp_path / "folder.html").mkdir()
+    cases = [(["--report", tmp_path / "x.pdf"], "expected a .html or .md"),
+             (["--per-sample", tmp_path / "r.csv"], "--per-sample needs --data"),
+             (["--json", tmp_path / "a_file" / "c.json"], "is not a folder"),
+             (["--report", tmp_path / "folder.html"], "is a directory"),
+             (["--min-certified-acc", "0.5@0.1"], "needs --data")]
+    for args, message in cases:
+        r = run("certify", small_onnx, *args)
+        assert r.exit_code == 2 and message in r.output, (args, r.output)
+
+
+def test_errors_are_not_wrapped(tmp_path):
+    missing = tmp_path / ("a_rather_long_folder_name_" * 3) / "model_that_does_not_exist.onnx"
+    r = runner.invoke(app, ["certify", str(missing)], env={"COLUMNS": "60"})
+    assert r.exit_code == 2
+    assert any(str(missing) in line for line in r.output.splitlines()), r.output
+
+
+def test_progress_lines_without_a_terminal(small_onnx):
+    r = run("certify", small_onnx, *FAST)
+    assert r.exit_code == 0
+    for stage in ("load model", "extract graph + self-check", "bound: product", "sampled lower bound"):
+        assert f"lipverify: {stage}: done in " in r.stderr, stage
+
+
+def test_fast_mode(tmp_path):
+    r = run("certify", FIXTURES / "mlp.onnx", "--fast", "--json", tmp_path / "c.json", "--data",
+            FIXTURES / "digits_test.npz", "--limit", "50", *FAST)
+    assert r.exit_code == 0, r.output
+    cert = json.loads((tmp_path / "c.json").read_text())
+    assert list(cert["bounds"]) == ["product"] and "--fast" in cert["method_reason"]
+    assert cert["data"]["pairwise_methods"] == {"product": 45}
+    assert run("certify", FIXTURES / "mlp.onnx", "--fast", "--method", "all").exit_code == 2
+
+
+def test_audit_trail_and_report_from_the_certificate(tmp_path):
+    import hashlib
+
+    from lipverify import __version__
+
+    r = run("certify", FIXTURES / "mlp.onnx", "--method", "product", "--data", FIXTURES / "digits_test.npz",
+            "--limit", "30", "--json", tmp_path / "c.json", *FAST)
+    assert r.exit_code == 0, r.output
+    cert = json.loads((tmp_path / "c.json").read_text())
+    run_block = cert["run"]
+    assert run_block["lipverify_version"] == __version__
+    assert run_block["timestamp_utc"].endswith("Z") and run_block["host"] and run_block["device"] == "cpu"
+    assert run_block["options"]["method"] == "product" and run_block["options"]["data"]["limit"] == 30
+    # no --budget-s: nothing is cut but what the explicit --lower-budget-s cap of FAST may cut on a busy machine
+    assert run_block["budget_s"] is None
+    assert all(c.startswith("sampled lower bound: --lower-budget-s") for c in run_block["cut_by_budget"])
+    digest = hashlib.sha256((FIXTURES / "digits_test.npz").read_bytes()).hexdigest()
+    assert cert["data"]["sha256"] == digest
+    assert {"load_s", "extract_s", "bound_s", "lower_s", "data_s", "total_s"} <= set(cert["timings"])
+
+    r = run("report", tmp_path / "c.json", "--html", tmp_path / "r.html", "--md", tmp_path / "r.md")
+    assert r.exit_code == 0, r.output
+    html, md = (tmp_path / "r.html").read_text(), (tmp_path / "r.md").read_text()
+    for text in (html, md):
+        assert "Audit trail" in text and digest in text and "pairwise radii" in text
+    assert "output_shape" not in html.split("Full certificate")[0]  # labels, not raw JSON keys
+    assert "load_s" not in html.split("Full certificate")[0]
+    assert run("report", tmp_path / "c.json").exit_code == 2  # nothing to write
+    (tmp_path / "bad.json").write_text("[1, 2]")
+    assert run("report", tmp_path / "bad.json", "--md", tmp_path / "x.md").exit_code == 2
+    assert not (tmp_path / "x.md").exists()
+
+
+def test_version():
+    from lipverify import __version__
+
+    r = run("--version")
+    assert r.exit_code == 0 and r.stdout.startswith(f"lipverify {__version__}")
+
+
+def test_every_option_of_every_command_has_help():
+    import inspect as pyinspect
+
+    import typer.models
+
+    missing = []
+    for command in app.registered_commands:
+        name = command.name or command.callback.__name__
+        for pname, param in pyinspect.signature(command.callback).parameters.items():
+            info = param.default
+            if isinstance(info, typer.models.ParameterInfo) and not (info.help or "").strip():
+                missing.append(f"{name} {pname}")
+    assert len(app.registered_commands) >= 6  # certify, inspect, check, report, methods, fine-tune
+    assert not missing, missing

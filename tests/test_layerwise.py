@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import Residual, export_onnx, external
+from conftest import Residual, export_onnx, external, graph_as_file
 import lipverify.bounds.layerwise  # noqa: F401  (registers the method and its verifier)
 from lipverify.attack import lower_bound
 from lipverify.bounds import METHODS, BoundContext
@@ -71,7 +71,7 @@ def _cnn(act, seed, pool="max") -> Graph:
 def _check_sandwich(g, res, seed=0):
     prod = METHODS["product"].run(g, BoundContext()).value
     assert res.value <= prod * (1 + 1e-12)
-    lb = lower_bound(g.forward, g.input_shape, starts=8, seed=seed, budget_s=1.0, rounds=2)
+    lb = lower_bound(graph_as_file(g), g, starts=8, seed=seed, effort=0.25)
     assert 0 < lb.value <= res.value
     assert "re-checked" in verify(g, res)
     return prod, lb.value
@@ -176,7 +176,7 @@ def test_trained_digits_mlp_at_least_20_percent_below_product():
     res = _run(g, layerwise_steps=300)
     prod, lower = _check_sandwich(g, res)
     assert res.value <= 0.8 * prod
-    assert res.witness["chosen"] == "optimized"
+    assert res.info["chosen"] == "optimized"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,3 +245,20 @@ def test_glipsdp_mnist_cnn_certifies_with_layerwise(name):
     # the product bound from the per-layer factors of the same graph (no second certify run)
     assert cert["methods"]["layerwise"]["value"] == cert["certified_bound"]
     assert "re-checked" in cert["verification"]["layerwise"]
+
+
+@pytest.mark.regression
+def test_loop_product_margin_covers_the_verifiers():
+    """A claimed loop norm must include at least the product error the trusted verifier subtracts
+    (a 784-512-512-10 MLP exited 3: the method's margin used u, the verifier's eps = 2u)."""
+    from lipverify.bounds.layerwise import product_rounding
+    from lipverify.verifier.scaled import _product_error
+
+    gen = torch.Generator().manual_seed(0)
+    weights = [torch.randn(64, 784, generator=gen, dtype=torch.float64),
+               torch.randn(64, 64, generator=gen, dtype=torch.float64),
+               torch.randn(10, 64, generator=gen, dtype=torch.float64)]
+    s_out = torch.rand(10, generator=gen, dtype=torch.float64) + 0.5
+    s_in = torch.rand(784, generator=gen, dtype=torch.float64) + 0.5
+    for k in range(len(weights) - 1):
+        assert product_rounding(s_out, s_in, weights[k:]) >= _product_error(s_out, s_in, weights[k:]) > 0

@@ -222,3 +222,98 @@ def test_cvxpy_plain_and_loop_forms_certify_the_same_value():
         assert r.solver == "cvxpy-scs" and verify_lipsdp(ws, sl, r.T, r.rho)[0]
     via_api = lipsdp(ws, sl, "layer", solver="cvxpy")
     assert via_api.solver == "cvxpy-scs" and via_api.value >= fast.value * (1 - 1e-6)
+
+
+# ----------------------------------------------------------------------------- what happened
+
+def test_convergence_is_reported_with_a_duality_gap():
+    rng = np.random.default_rng(11)
+    ws = _rand_net(rng, [12, 20, 20, 20, 4], 2.0)
+    r = lipsdp(ws, (0, 1))
+    assert r.converged and "relative duality gap" in r.stop
+    assert 0 <= r.gap <= 1e-4  # the verified rho against the dual bound (repair adds a little)
+    assert r.dual_value <= r.value
+    assert r.info["newton_steps"] > 0
+    cut = lipsdp(ws, (0, 1), max_steps=2)
+    assert not cut.converged and "iteration limit" in cut.stop
+    assert cut.value >= r.value * (1 - 1e-9)  # still a verified bound
+    budget = lipsdp(ws, (0, 1), time_budget_s=0.0)
+    assert not budget.converged and "cut by the time budget" in budget.stop
+    assert verify_lipsdp(ws, (0, 1), budget.T, budget.rho)[0]
+
+
+def test_method_entry_and_table_say_what_happened():
+    from lipverify.bounds import BoundContext, get_method
+    from lipverify.graph.ir import Graph, Node
+    from lipverify.ops.activation import ReLU
+    from lipverify.ops.dense import Dense
+    from lipverify.report.table import solver_status
+    from lipverify.timebudget import TimeBudget
+
+    rng = np.random.default_rng(12)
+    ws = _rand_net(rng, [6, 9, 9, 3], 2.0)
+    g = Graph("x", (6,))
+    prev = "x"
+    for k, w in enumerate(ws):
+        g.nodes.append(Node(f"d{k}", Dense(torch.as_tensor(w)), [prev], (w.shape[0],)))
+        prev = f"d{k}"
+        if k < len(ws) - 1:
+            g.nodes.append(Node(f"a{k}", ReLU(), [prev], (w.shape[0],)))
+            prev = f"a{k}"
+    g.output = prev
+    full = get_method("lipsdp-neuron").run(g, BoundContext())
+    assert full.solver["converged"] and full.solver["duality_gap"] <= 1e-4
+    assert solver_status(full.solver).startswith("(converged")
+    cut = get_method("lipsdp-neuron").run(g, BoundContext(time_budget=TimeBudget(0.0)))
+    assert not cut.solver["converged"] and "cut by the time budget" in solver_status(cut.solver)
+    assert any("not converged" in n for n in cut.notes)
+
+
+def test_block_algebra_matches_dense_autograd():
+    """Chain's log det, gradient, exact Hessian, Layer Hessian and Lanczos step length against dense torch."""
+    from lipverify.bounds.lipsdp_blocks import Chain
+
+    rng = np.random.default_rng(13)
+    ws = _rand_net(rng, [7, 5, 6, 4, 3])
+    sl = [GELU, (0.1, 1.0), (0.0, 1.0)]
+    ch = Chain(ws, sl)
+    o = ch.block_offsets
+
+    def dense(x):
+        D, C = ch.blocks(x[0], ch.split(x[1:]))
+        rows = []
+        for a in range(ch.l + 1):
+            row = []
+            for b in range(ch.l + 1):
+                blk = D[a] if a == b else C[a] if b == a + 1 else C[b].T if a == b + 1 else \
+                    torch.zeros(o[a + 1] - o[a], o[b + 1] - o[b], dtype=torch.float64)
+                row.append(blk)
+            rows.append(torch.cat(row, 1))
+        return torch.cat(rows, 0)
+
+    from lipverify.bounds.lipsdp_core import start_multipliers, _prepare
+    T0 = np.concatenate(start_multipliers(*_prepare(ws, sl)))
+    x = torch.as_tensor(np.concatenate([[3.0 * ch.rho_min(ch.split(torch.as_tensor(T0)))], T0 * 1.3]))
+    f = lambda v: -torch.logdet(dense(v))  # noqa: E731
+    fac = ch.factor(float(x[0]), ch.split(x[1:]))
+    assert abs(-fac.logdet - float(f(x))) <= 1e-10 * abs(float(f(x)))
+    Sd, So = ch.selected_inverse(fac)
+    g_rho, g_t = ch.gradient(Sd, So)
+    g = torch.autograd.functional.jacobian(f, x)
+    torch.testing.assert_close(torch.cat([g_rho.reshape(1), g_t]), g, rtol=1e-9, atol=1e-12)
+    H = torch.autograd.functional.hessian(f, x)
+    h_rr, h_rt, Htt = ch.hessian(fac, Sd)
+    torch.testing.assert_close(Htt, H[1:, 1:], rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(h_rt, H[0, 1:], rtol=1e-9, atol=1e-12)
+    assert abs(float(h_rr) - float(H[0, 0])) <= 1e-9 * float(H[0, 0])
+    E = torch.zeros(ch.N, ch.l, dtype=torch.float64)
+    for k in range(ch.l):
+        E[ch.offsets[k]:ch.offsets[k + 1], k] = 1
+    _, h_rt_l, Hl = ch.hessian(fac, Sd, layer=True)
+    torch.testing.assert_close(Hl, E.T @ H[1:, 1:] @ E, rtol=1e-9, atol=1e-12)
+    d = torch.as_tensor(rng.normal(size=x.shape[0])) * x
+    A0, A1 = dense(x), dense(x + d) - dense(x)
+    L = torch.linalg.cholesky(A0)
+    M = torch.linalg.solve_triangular(L, torch.linalg.solve_triangular(L, A1, upper=False).T, upper=False)
+    exact = -1.0 / float(torch.linalg.eigvalsh((M + M.T) / 2)[0])
+    assert abs(ch.max_step(fac, float(d[0]), ch.split(d[1:]), iters=40) - exact) <= 1e-8 * exact

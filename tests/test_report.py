@@ -142,7 +142,7 @@ def test_minimal_certificate_renders(tmp_path):
     assert "Certified radii" not in text and "no gates" in text
     md = (tmp_path / "r.md").read_text(encoding="utf-8")
     assert "| `product` **(reported)** | 12.3 |" not in md  # method key absent: nothing marked
-    assert "| `product` | 12.3 | 0.366 | — |" in md
+    assert "| `product` | 12.3 | 0.365 | — |" in md  # tightness 0.3658 rounds down
 
 
 def test_broken_optional_values_do_not_crash():
@@ -162,8 +162,9 @@ def test_markdown_tables():
     assert "| method | certified upper bound | lower / certified | verification |" in md
     assert "| `lipsdp-neuron` **(reported)** | 8.12346 | 0.562 | Cholesky of the LMI: positive definite |" in md
     assert "| `brand-new-method` | 9.87 |" in md
-    assert "| ε (L2) | certified accuracy |" in md and "| 0.5 | 31.00% |" in md
-    assert "| `max-L` | 10 | 8.123456789 | ✅ pass |" in md
+    assert "| ε (L2) | certified accuracy (pairwise radii) |" in md and "| 0.5 | 31.00% |" in md
+    assert "| `max-L` | 8.124 ≤ 10 | ✅ pass |" in md  # the value rounds up (an upper bound)
+    assert "| `min-cert-acc@0.1` | 0.8 &lt; 0.9 | ❌ fail |" in md  # escaped like all cell text
     assert "`fc\\|out`" in md  # a pipe in a name does not break the row
     for line in md.splitlines():
         if line.startswith("|"):

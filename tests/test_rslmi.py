@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import external
+from conftest import external, graph_as_file
 import lipverify.bounds.rslmi  # noqa: F401  (registers the method and its verifier)
 from lipverify.attack import lower_bound
 from lipverify.bounds import METHODS, BoundContext
@@ -180,7 +180,7 @@ def test_tau_lowered_by_one_part_per_million_is_rejected():
     # a tau replaced by its sketched estimate is rejected too (a sketch is not a certificate)
     small = _run(g, sketch_dim=1, sketch_iters=0)
     bad = {**small.witness, "tau": dict(small.witness["tau"])}
-    bad["tau"]["n0"] = small.witness["tau_hat"]["n0"]
+    bad["tau"]["n0"] = small.info["tau_hat"]["n0"]
     assert bad["tau"]["n0"] < small.witness["tau"]["n0"]
     with pytest.raises(SoundnessError):
         verify(g, type(res)(res.method, res.value, res.layers, res.check, bad))
@@ -218,7 +218,7 @@ def test_linear_residual_block_bounded_by_norm_of_identity_plus_branch(merge):
     assert blocks["r"]["factor"] < 1 + float(torch.linalg.svdvals(w)[0])
     prod = _run(g, "product").value
     assert res.value < prod
-    lb = lower_bound(g.forward, g.input_shape, starts=8, seed=0, budget_s=1.5)
+    lb = lower_bound(graph_as_file(g), g, starts=8, seed=0, effort=0.25)
     assert lb.value <= res.value
     verify(g, res)
     bad = {**res.witness, "blocks": {"r": {**blocks["r"], "factor": exact * (1 - 1e-6)}}}
@@ -239,7 +239,7 @@ def test_nonlinear_residual_cnn_bound_above_sampled_lower_bound():
     res = _run(g)
     assert res.witness["blocks"] == {}  # nonlinear branch: 1 + Lip(branch)
     assert res.value == pytest.approx(_run(g, "product").value, rel=1e-9)
-    lb = lower_bound(g.forward, g.input_shape, starts=8, seed=1, budget_s=1.5)
+    lb = lower_bound(graph_as_file(g), g, starts=8, seed=1, effort=0.25)
     assert 0 < lb.value <= res.value
     verify(g, res)
 

@@ -1,4 +1,4 @@
-"""LipSDP-Neuron / LipSDP-Layer for dense chains: a fast barrier solver and an independent verifier.
+"""LipSDP-Neuron / LipSDP-Layer for dense chains: problem data, repair, verification plumbing, entry point.
 
 Network: ``x_{k+1} = phi_k(W_k x_k)`` for hidden layers ``k = 0..l-1``, ``f(x) = W_l x_l``; weights
 ``W_k`` have shape (out, in); hidden layer ``k`` is slope-restricted in ``[alpha_k, beta_k]`` with
@@ -29,11 +29,11 @@ loop-transformed matrix is dense, not block tridiagonal. We therefore solve and 
 plain (tridiagonal) form, and provide the loop form (``lmi_matrix(..., form="loop")``) only as an
 exactly equivalent dense matrix, used by tests and the cvxpy reference to show equality.
 
-Fast path (``_lipsdp_fast``, torch, CPU or CUDA): a primal log-barrier interior-point method on
-the multipliers with exact Newton steps (dense Hessian of -log det A over all neurons, assembled from
-A^{-1}), the input block shrunk to rank(W_0) by a QR (exact congruence), and rho eliminated in closed
-form from the eigenvalues of the input-block Schur complement. ~40-80 Newton steps reach a 1e-6
-relative gap; plain gradient methods stall on deep nets because the optimum sits in a curved valley.
+Fast path (``lipsdp_ipm.solve`` on ``lipsdp_blocks.Chain``, torch, CPU or CUDA): a predictor-corrector
+barrier method with exact Newton steps assembled block by block (the input block shrunk to rank(W_0)
+by a QR, an exact congruence), started from ``start_multipliers``; it stops at a relative duality
+gap of ``tol`` (a dual bound from the DSDP-style projection), at an iteration limit, or when the
+user's explicit time budget runs out, and says which in ``LipSDPResult.stop``.
 
 Soundness: whatever the solver returns is a candidate ``T``. ``repair`` computes the smallest rho
 for that T by a direct formula and ``verify_lipsdp`` accepts it only if a float64 block Cholesky
@@ -55,10 +55,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from lipverify.norms.margin import EPS64, inflate
-
-VERIFY_MARGIN_REL = 1e-9
-_MU_FACTOR = 8.0  # barrier parameter growth per outer iteration
+from lipverify.bounds.lipsdp_blocks import reduce_input
+from lipverify.norms.margin import inflate
 
 
 @dataclass
@@ -72,6 +70,10 @@ class LipSDPResult:
     raw_value: float = float("nan")  # the solver's unverified sqrt(rho)
     raw_violation: float = float("nan")  # lambda_max of the raw solver's M (>0: raw answer infeasible)
     seconds: float = 0.0
+    converged: bool = False  # the solver reached its stopping criterion (relative duality gap <= tol)
+    stop: str = ""  # why the solver stopped, in words (criterion met, iteration limit, cut by the budget)
+    gap: float = math.inf  # (verified rho - dual lower bound) / verified rho; inf when no dual bound
+    dual_value: float | None = None  # sqrt of the dual bound: the LipSDP optimum L* lies in [dual_value, value]
     info: dict = field(default_factory=dict)
 
 
@@ -206,10 +208,11 @@ def _trsm(L, B):
 # verification (no solver involved)
 # --------------------------------------------------------------------------------------------
 
-def verify_lipsdp(weights, slopes, T, rho):
+def verify_lipsdp(weights, slopes, T, rho, magnitudes=None, product_depth=0):
     """(ok, detail): the trusted block-Cholesky check of ``lipverify.verifier.lipsdp`` on (rho, T).
 
-    Also requires finite rho > 0 and T >= 0 elementwise (the S-procedure needs T >= 0)."""
+    Also requires finite rho > 0 and T >= 0 elementwise (the S-procedure needs T >= 0).
+    ``magnitudes``/``product_depth``: as derived by the verifier's ``dense_chain`` (merged weights)."""
     from lipverify.verifier.lipsdp import lmi_holds
 
     try:
@@ -228,33 +231,35 @@ def verify_lipsdp(weights, slopes, T, rho):
             return False, f"T[{k}] has {t.shape[0]} entries, layer has {ns[k + 1]}"
         if not bool(torch.isfinite(t).all()) or bool((t < 0).any()):
             return False, f"T[{k}] must be finite and >= 0"
-    return lmi_holds(ws, sl, T, rho)
+    mags = None if magnitudes is None else [_tt(m) for m in magnitudes]
+    return lmi_holds(ws, sl, T, rho, mags, product_depth)
 
 
 # --------------------------------------------------------------------------------------------
 # repair: smallest rho for a fixed T
 # --------------------------------------------------------------------------------------------
 
-def _reduce_input(W0):
-    """R^T with W0 = R^T Q^T (QR of W0^T) when W0 is wide: same nonzero spectrum of W0^T K W0."""
-    if W0.shape[1] > W0.shape[0]:
-        return torch.linalg.qr(W0.T, mode="r")[1].T
-    return W0
+def rho_for_T(weights, slopes, T, shift: float = 0.0, magnitudes=None):
+    """Smallest rho with A(rho, T) - shift diag(s(rho)) >= 0 (floating point), or inf when no rho works.
 
-
-def rho_for_T(weights, slopes, T, _W0r=None):
-    """Smallest rho with A(rho, T) >= 0 (floating point), or inf when no rho works.
-
-    Eliminate the hidden blocks backward: Sigma_l = A_ll, Sigma_k = A_kk - C_k Sigma_{k+1}^{-1} C_k^T
-    (k >= 1) must be positive definite; then rho_min = lambda_max(W_0^T K W_0) with
-    K = (a+b)^2 T_0 Sigma_1^{-1} T_0 - 2ab T_0, computed on the row space of W_0 (QR) to keep it small.
+    ``s`` are the verifier's row scales (``lipverify.verifier.lipsdp.row_scales``), so with its
+    ``shift_rel`` this is the threshold the verifier tests, not just the one of A itself. Eliminate
+    the hidden blocks backward: Sigma_l = A_ll, Sigma_k = A_kk - C_k Sigma_{k+1}^{-1} C_k^T (k >= 1) must
+    be positive definite; then rho (1 - shift) >= lambda_max(W_0^T K W_0 + shift diag(s_0 - rho)) with
+    K = (a+b)^2 T_0 Sigma_1^{-1} T_0 - 2ab T_0 (without a shift: on the row space of W_0, by a QR).
     """
+    from lipverify.verifier.lipsdp import row_scales
+
     ws, sl = _prepare(weights, slopes)
     l = len(ws) - 1
     T = _T(T)
     if any(bool((t < 0).any()) or not bool(torch.isfinite(t).all()) for t in T):
         return math.inf
     D, C = _blocks(ws, sl, T, 1.0)
+    mags = None if magnitudes is None else [_tt(m) for m in magnitudes]
+    scl = row_scales(ws, sl, T, 0.0, mags) if shift else None
+    if shift:
+        D = [d if k == 0 else d - torch.diag(shift * scl[k]) for k, d in enumerate(D)]
     Sig = D[l]
     for k in range(l - 1, 0, -1):
         Lk = _chol(Sig)
@@ -268,22 +273,28 @@ def rho_for_T(weights, slopes, T, _W0r=None):
     co = _coeffs(sl)[0]
     Z = _trsm(L1, torch.diag(T[0]))  # L1^{-1} T_0
     K = co[1] ** 2 * (Z.T @ Z) - co[0] * torch.diag(T[0])
-    Wr = _reduce_input(ws[0]) if _W0r is None else _W0r
-    B = Wr.T @ K @ Wr
-    lam = torch.linalg.eigvalsh((B + B.T) / 2)[-1]
-    return max(float(lam), 0.0)
+    if shift:
+        B = ws[0].T @ K @ ws[0] + torch.diag(shift * scl[0])
+        lam = float(torch.linalg.eigvalsh((B + B.T) / 2)[-1]) / (1.0 - shift)
+    else:
+        Wr = reduce_input(ws[0])
+        B = Wr.T @ K @ Wr
+        lam = float(torch.linalg.eigvalsh((B + B.T) / 2)[-1])
+    return max(lam, 0.0)
 
 
-def repair(weights, slopes, T, max_tries=40, _W0r=None):
-    """Smallest rho (the exact one, bumped by 1e-12.. relative) that verify_lipsdp accepts; inf if none."""
-    rho = rho_for_T(weights, slopes, T, _W0r)
+def repair(weights, slopes, T, max_tries=40, magnitudes=None, product_depth=0):
+    """Smallest rho (the verifier's threshold, bumped by 1e-12.. relative) that verify_lipsdp accepts; inf if none."""
+    from lipverify.verifier.lipsdp import shift_rel
+
+    rho = rho_for_T(weights, slopes, T, shift=shift_rel(sum(dims(weights)), product_depth), magnitudes=magnitudes)
     if not np.isfinite(rho):
         return math.inf
     base = max(rho, 1e-300)
     bump = 1e-12
     for _ in range(max_tries):
         cand = base * (1 + bump) + 1e-300
-        if verify_lipsdp(weights, slopes, T, cand)[0]:
+        if verify_lipsdp(weights, slopes, T, cand, magnitudes, product_depth)[0]:
             return cand
         bump *= 4
         if bump > 1e6:
@@ -291,86 +302,11 @@ def repair(weights, slopes, T, max_tries=40, _W0r=None):
     return math.inf
 
 
-class _Problem:
-    """Reduced problem in torch. Input block reduced to rank(W_0) dims by a QR (exact congruence)."""
-
-    def __init__(self, ws, sl, mode, device):
-        self.dev = torch.device(device)
-        self.mode = mode
-        self.W0r = _reduce_input(ws[0])  # exact congruence: the input block shrinks to rank(W_0) dims
-        self.W = [w.to(self.dev) for w in [self.W0r] + list(ws[1:])]
-        self.l = len(ws) - 1
-        self.ns = [self.W[0].shape[1]] + [w.shape[0] for w in self.W[:-1]]
-        self.off = np.concatenate([[0], np.cumsum(self.ns)]).astype(int)
-        self.n = int(self.off[-1])
-        self.N = int(sum(self.ns[1:]))
-        co = _coeffs(sl)
-        hid = [self.ns[k + 1] for k in range(self.l)]
-        per_neuron = lambda j: torch.cat([torch.full((h,), co[k][j], dtype=torch.float64, device=self.dev)
-                                          for k, h in enumerate(hid)])
-        self.g11, self.g12 = per_neuron(0), per_neuron(1)  # entries of G = [[2ab, -(a+b)], [-(a+b), 2]]
-        self.g22 = torch.full((self.N,), 2.0, dtype=torch.float64, device=self.dev)
-        self.co = co
-        self.layer_of = np.concatenate([[k] * h for k, h in enumerate(hid)])
-        Wl = self.W[self.l]
-        self.A_const = torch.zeros(self.n, self.n, dtype=torch.float64, device=self.dev)
-        s = slice(self.off[self.l], self.off[self.l + 1])
-        self.A_const[s, s] = -Wl.T @ Wl
-        self.E = torch.zeros(self.N, self.l, dtype=torch.float64, device=self.dev)  # neuron -> layer
-        self.E[torch.arange(self.N), torch.as_tensor(self.layer_of, device=self.dev)] = 1.0
-
-    def split(self, t):
-        return [t[self.off[k + 1] - self.off[1]:self.off[k + 2] - self.off[1]] for k in range(self.l)]
-
-    def A(self, rho, t):
-        A = self.A_const.clone()
-        o = self.off
-        idx = torch.arange(o[0], o[1], device=self.dev)
-        A[idx, idx] += rho
-        A[o[1]:, o[1]:] += torch.diag(2.0 * t)
-        for k, tk in enumerate(self.split(t)):
-            Wk = self.W[k]
-            a, c = self.co[k]
-            s0, s1 = slice(o[k], o[k + 1]), slice(o[k + 1], o[k + 2])
-            if a != 0.0:
-                A[s0, s0] += a * (Wk.T * tk) @ Wk
-            blk = c * (Wk.T * tk)
-            A[s0, s1] += blk
-            A[s1, s0] += blk.T
-        return A
-
-    def derivatives(self, S):
-        """Gradient and Hessian of -log det A w.r.t. (rho, t), given S = A^{-1}."""
-        o, N = self.off, self.N
-        Ya = torch.cat([self.W[k] @ S[o[k]:o[k + 1], :] for k in range(self.l)], 0)  # rows a_i^T S
-        Yb = S[o[1]:, :]
-        Paa = torch.cat([Ya[:, o[k]:o[k + 1]] @ self.W[k].T for k in range(self.l)], 1)
-        Pab = Ya[:, o[1]:]
-        Pbb = Yb[:, o[1]:]
-        g11, g12, g22 = self.g11, self.g12, self.g22
-        grad_t = -(g11 * torch.diagonal(Paa) + 2 * g12 * torch.diagonal(Pab) + g22 * torch.diagonal(Pbb))
-        P = {(0, 0): Paa, (0, 1): Pab, (1, 0): Pab.T, (1, 1): Pbb}
-        G = {(0, 0): g11, (0, 1): g12, (1, 0): g12, (1, 1): g22}
-        # H_ij = tr(G^i P_ij G^j P_ij^T) = sum_ps X_ps * P_ps, X_ps = sum_qr G_pq[i] P_qr G_rs[j]
-        H = torch.zeros(N, N, dtype=torch.float64, device=self.dev)
-        for p in (0, 1):
-            for s in (0, 1):
-                X = sum(G[p, q][:, None] * P[q, r] * G[r, s][None, :] for q in (0, 1) for r in (0, 1))
-                H += X * P[p, s]
-        S00 = S[o[0]:o[1], o[0]:o[1]]
-        grad_rho = -torch.trace(S00)
-        h_rr = (S00 * S00).sum()
-        Ya0, Yb0 = Ya[:, o[0]:o[1]], Yb[:, o[0]:o[1]]
-        h_rt = g11 * (Ya0 * Ya0).sum(1) + 2 * g12 * (Ya0 * Yb0).sum(1) + g22 * (Yb0 * Yb0).sum(1)
-        return grad_rho, grad_t, h_rr, h_rt, H
-
-
-def _initial_point(ws, sl, mode=None):
-    """Strictly feasible layer-uniform start by backward elimination (ECLipsE-like, scalar per layer).
+def backward_start(ws, sl) -> list:
+    """Strictly feasible layer-uniform multipliers by backward elimination (output side first).
 
     lambda_{l-1} = ||W_l||^2 makes the last block ||W_l||^2-definite; then each earlier lambda_{k-1} is
-    chosen so that the Schur complement 2 lambda_{k-1} I + B_k is positive definite with some slack,
-    and rho makes the input block PSD (times 2 for slack). Any strictly feasible point works.
+    chosen so that the Schur complement 2 lambda_{k-1} I + B_k is positive definite with some slack.
     """
     l = len(ws) - 1
     co = _coeffs(sl)
@@ -387,18 +323,44 @@ def _initial_point(ws, sl, mode=None):
         floor = 1e-3 * max(abs(float(ev[0])), abs(float(ev[-1])), lam[k]) + 1e-300
         lam[k - 1] = max(-float(ev[0]), 0.0) + floor  # 2 lam I + B >= (lam + floor) I
         Sig = 2 * lam[k - 1] * torch.eye(Wk.shape[1], dtype=torch.float64) + B
-    T = [np.full(ws[k].shape[0], lam[k]) for k in range(l)]
-    return T
+    return [np.full(ws[k].shape[0], lam[k]) for k in range(l)]
+
+
+def start_multipliers(ws, sl, device="cpu") -> list:
+    """The interior-point start: per layer, the geometric mean of the compositional (forward) and the
+    backward-elimination multipliers, both strictly feasible and layer-uniform; measured to be more
+    central than either (see lipsdp_ipm). Falls back to the arithmetic mean (feasible by convexity)
+    and then to the backward start alone."""
+    from lipverify.bounds.compositional_core import compositional
+    from lipverify.bounds.lipsdp_blocks import Chain
+
+    back = backward_start(ws, sl)
+    try:
+        forward, _ = compositional(ws, sl, device)
+    except ValueError:
+        return back
+    chain = Chain(ws, sl, device)
+    for mean in (lambda a, b: math.sqrt(a * b), lambda a, b: (a + b) / 2):
+        T = [np.full(len(bk), mean(float(bk[0]), fk)) for bk, fk in zip(back, forward)]
+        if math.isfinite(chain.rho_min([torch.as_tensor(t, device=chain.device) for t in T])):
+            return T
+    return back
 
 
 def lipsdp(weights, slopes, mode="neuron", *, solver="fast", device="cpu", time_budget_s=None, tol=1e-6,
-           verbose=False) -> LipSDPResult:
+           max_steps=None, certify_on=None, warm_start=None, checkpoint_gap=0.0, verbose=False) -> LipSDPResult:
     """Certified LipSDP bound (Neuron or Layer multipliers) on the L2 Lipschitz constant of a dense chain.
 
     ``weights``: [W_0, .., W_l] (out, in); ``slopes``: one (alpha, beta) for all hidden layers or one
     per hidden layer. Output selection (one logit, a logit difference) is the caller's modified W_l.
-    ``solver="fast"``: barrier IPM (below); ``"cvxpy"``/``"cvxpy-scs"``: the readable reference.
-    The returned ``value`` is always from a verified (rho, T) (see module docstring).
+    ``solver="fast"``: the structured interior-point method (lipsdp_ipm); ``"cvxpy"``/``"cvxpy-scs"``:
+    the readable reference. ``time_budget_s`` is the user's explicit budget (the result then says
+    that it was cut). ``certify_on``: the trusted verifier's ``DenseChain`` of the same network
+    (weights re-derived independently, with magnitude bounds): repair and verification then target
+    exactly what ``lipverify check`` will test. ``warm_start``: (T, tau), a strictly feasible point
+    and its barrier parameter (e.g. a related problem's ``info["checkpoint"]``, recorded when the
+    relative duality gap first fell below ``checkpoint_gap``). The returned ``value`` is always from a
+    verified (rho, T).
     """
     if mode not in ("neuron", "layer"):
         raise ValueError(f"mode must be 'neuron' or 'layer', got {mode!r}")
@@ -407,136 +369,88 @@ def lipsdp(weights, slopes, mode="neuron", *, solver="fast", device="cpu", time_
         return lipsdp_cvxpy(weights, slopes, mode=mode)
     if solver != "fast":
         raise ValueError(f"unknown solver {solver!r}")
-    return _lipsdp_fast(weights, slopes, mode, device, time_budget_s, tol, verbose)
+    return _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_steps, certify_on,
+                              warm_start, checkpoint_gap, verbose)
 
 
-def _finish(ws, sl, mode, T, raw_rho, t0, extra=None, solver="fast"):
-    rho = repair(ws, sl, T)
-    if not np.isfinite(rho):
-        raise RuntimeError("no verified multiplier found")
-    ok, msg = verify_lipsdp(ws, sl, T, rho)
+def _lipsdp_structured(weights, slopes, mode, device, time_budget_s, tol, max_steps, certify_on, warm_start,
+                       checkpoint_gap, verbose):
+    from lipverify.bounds.lipsdp_blocks import Chain
+    from lipverify.bounds.lipsdp_ipm import MAX_NEWTON_STEPS, SolveReport, solve
+
+    t0 = time.perf_counter()
+    ws, sl = _prepare(weights, slopes)
+    chain = Chain(ws, sl, device)
+    deadline = None if time_budget_s is None else t0 + float(time_budget_s)
+    kw = dict(tol=tol, max_steps=max_steps or MAX_NEWTON_STEPS, deadline=deadline, verbose=verbose,
+              checkpoint_gap=checkpoint_gap)
+    rep = None
+    T_start = start_multipliers(ws, sl, device)
+    if not chain.rho_min([torch.as_tensor(t, device=chain.device) for t in T_start]) > 0:
+        # rho*(T) = 0: the network is constant (a zero layer); nothing to optimise
+        rep = SolveReport(T=[torch.as_tensor(t) for t in T_start], rho=0.0, dual=0.0, converged=True,
+                          stop="the network is constant (a zero layer): LipSDP optimum 0")
+        T0 = T_start
+    if rep is None and warm_start is not None:
+        T0 = [np.asarray(t, dtype=np.float64) for t in warm_start[0]]
+        if math.isfinite(chain.rho_min([torch.as_tensor(t, device=chain.device) for t in T0])):
+            rep = solve(chain, mode, [torch.as_tensor(t) for t in T0], start_tau=float(warm_start[1]), **kw)
+    if rep is None:
+        T0 = T_start
+        rep = solve(chain, mode, [torch.as_tensor(t) for t in T0], **kw)
+    T = [t.detach().cpu().numpy().astype(np.float64) for t in rep.T]
+    target = _Target.of(ws, sl, certify_on)
+    rho = target.repair(T)
+    stop = rep.stop
+    if not np.isfinite(rho):  # cannot happen for a strictly feasible solver point; the start is always certifiable
+        T, rho = T0, target.repair(T0)
+        stop += "; its multipliers failed verification, the starting point's were certified instead"
+        if not np.isfinite(rho):
+            raise RuntimeError("no verified multiplier found (numerically degenerate weights?)")
+    info = {"newton_steps": rep.newton_steps, "predictor_steps": rep.predictor_steps, "device": str(chain.device),
+            "warm_start": warm_start is not None}
+    if rep.checkpoint is not None:
+        info["checkpoint"] = ([t.detach().cpu().numpy() for t in chain.split(rep.checkpoint[0])]
+                              if mode == "neuron" else [np.full(n, float(v)) for n, v in
+                                                        zip(chain.hidden, rep.checkpoint[0])], rep.checkpoint[1])
+    return _finish(target, mode, T, rho, rep.rho, t0, converged=rep.converged, stop=stop, dual=rep.dual, info=info)
+
+
+@dataclass
+class _Target:
+    """What repair and verification run on: the solver's own weights, or the verifier's chain."""
+
+    ws: list
+    sl: list
+    magnitudes: list | None = None
+    product_depth: int = 0
+
+    @classmethod
+    def of(cls, ws, sl, certify_on):
+        if certify_on is None:
+            return cls(ws, sl)
+        return cls([_tt(w) for w in certify_on.weights], list(certify_on.slopes), certify_on.magnitudes,
+                   certify_on.product_depth)
+
+    def repair(self, T):
+        return repair(self.ws, self.sl, T, magnitudes=self.magnitudes, product_depth=self.product_depth)
+
+    def verify(self, T, rho):
+        return verify_lipsdp(self.ws, self.sl, T, rho, self.magnitudes, self.product_depth)
+
+
+def _finish(target, mode, T, rho, raw_rho, t0, *, converged, stop, dual=-math.inf, info=None, solver="fast"):
+    ws, sl = target.ws, target.sl
+    ok, msg = target.verify(T, rho)
     assert ok, msg  # repair only returns verified rho
     n = sum(dims(ws))
     viol = lmi_violation(ws, sl, T, raw_rho) if n <= 600 and np.isfinite(raw_rho) else float("nan")
+    gap = max(rho - dual, 0.0) / rho if np.isfinite(dual) else math.inf
     return LipSDPResult(value=inflate(math.sqrt(rho), n), rho=rho, T=[np.asarray(t, np.float64) for t in T],
                         mode=mode, solver=solver, check=msg, raw_value=math.sqrt(max(raw_rho, 0.0)),
-                        raw_violation=viol, seconds=time.perf_counter() - t0, info=extra or {})
-
-
-def _lipsdp_fast(weights, slopes, mode, device, time_budget_s, tol, verbose):
-    """Primal barrier method with rho eliminated exactly ("valley following").
-
-    Minimise ``g_tau(T) = min_rho [tau rho - log det A(rho, T)] - sum log t`` for increasing tau.
-    With ``A = [[rho I - F0, C], [C^T, R]]``, ``log det A = log det R + sum_j log(rho - f_j)`` where
-    ``f_j`` are the eigenvalues of ``F(T) = C R^{-1} C^T - A00(rho=0)`` (input block reduced by QR),
-    so the optimal rho solves ``sum_j 1/(rho - f_j) = tau`` (1-D, monotone Newton). Eliminating
-    rho matters: Newton on (rho, T) jointly creeps along the wall rho ~ rho(T) with tiny steps.
-    Newton directions use the exact Hessian of -log det A (dense, all neurons) with rho eliminated
-    by a Schur complement; line search on g_tau; tau *= 8 until the gap bound nu/tau is below
-    ``tol * rho``. Every outer iteration's T is repaired + verified; the best verified one is kept.
-    """
-    t0 = time.perf_counter()
-    ws, sl = _prepare(weights, slopes)
-    T0 = _initial_point(ws, sl, mode)
-    pb = _Problem(ws, sl, mode, device)
-    best = (repair(ws, sl, T0, _W0r=pb.W0r), T0)
-    if not np.isfinite(best[0]):
-        raise RuntimeError("could not build a feasible starting point (numerically degenerate weights?)")
-    dev = pb.dev
-    layer = mode == "layer"
-    m0 = pb.ns[0]
-    E = pb.E if layer else None
-    theta = torch.as_tensor([T0[k][0] for k in range(pb.l)] if layer else np.concatenate(T0),
-                            dtype=torch.float64, device=dev)
-    to_t = (lambda th: E @ th) if layer else (lambda th: th)
-    nu = m0 + (pb.n - m0) + theta.numel()
-    tau = nu / best[0]
-    mu_factor = _MU_FACTOR
-    newton_steps = 0
-    history = []
-
-    def reduced(th):
-        """(g_tau(th), rho*) or (inf, None)."""
-        if not bool((th > 0).all()):
-            return math.inf, None
-        A = pb.A(0.0, to_t(th))
-        R = A[m0:, m0:]
-        LR, info = torch.linalg.cholesky_ex(R)
-        if int(info) != 0:
-            return math.inf, None
-        X = torch.linalg.solve_triangular(LR, A[m0:, :m0], upper=False)
-        F = X.T @ X - A[:m0, :m0]
-        f = torch.linalg.eigvalsh((F + F.T) / 2)
-        fmax = f[-1]
-        gaps = fmax - f
-        u = 0.5 / tau
-        for _ in range(100):  # monotone Newton from the left on h(u) = sum 1/(u + gaps) - tau
-            r = 1.0 / (u + gaps)
-            h = float(r.sum()) - tau
-            if h <= 1e-12 * tau:
-                break
-            u = u + h / float((r * r).sum())
-        rho = float(fmax) + u
-        val = tau * rho - float(torch.log(u + gaps).sum()) - 2 * float(torch.log(torch.diagonal(LR)).sum()) \
-            - float(torch.log(th).sum())
-        return val, rho
-
-    out_of_time = lambda: time_budget_s is not None and time.perf_counter() - t0 > time_budget_s
-    f, rho = reduced(theta)
-    for outer in range(80):
-        for inner in range(80):
-            A = pb.A(rho, to_t(theta))
-            L, info = torch.linalg.cholesky_ex(A)
-            if int(info) != 0:  # rho* sits numerically on the boundary; nudge it
-                rho = rho * (1 + 1e-12) + 1e-300
-                continue
-            S = torch.cholesky_inverse(L)
-            gr, gt, hrr, hrt, H = pb.derivatives(S)
-            if layer:
-                gt, hrt, H = E.T @ gt, E.T @ hrt, E.T @ H @ E
-            g = gt - 1.0 / theta
-            Hs = H + torch.diag(1.0 / theta ** 2) - torch.outer(hrt, hrt) / hrr  # rho eliminated
-            sc = torch.sqrt(torch.clamp(torch.diagonal(Hs), min=1e-300))
-            Lh, info = torch.linalg.cholesky_ex(Hs / sc[:, None] / sc[None, :])
-            if int(info) != 0:
-                Lh = torch.linalg.cholesky(Hs / sc[:, None] / sc[None, :] +
-                                           1e-12 * torch.eye(len(sc), dtype=torch.float64, device=dev))
-            step = -torch.cholesky_solve((g / sc)[:, None], Lh)[:, 0] / sc
-            dec2 = float(-(g * step).sum())
-            newton_steps += 1
-            if dec2 / 2 < 1e-6:
-                break
-            s = 1.0
-            # stay inside t > 0 with a fraction-to-boundary rule, then backtrack on g_tau
-            neg = step < 0
-            if bool(neg.any()):
-                s = min(1.0, 0.99 * float((-theta[neg] / step[neg]).min()))
-            while s > 1e-14:
-                f2, rho2 = reduced(theta + s * step)
-                if f2 <= f - 0.25 * s * dec2:
-                    break
-                s *= 0.5
-            else:
-                break
-            theta, f, rho = theta + s * step, f2, rho2
-            if verbose:
-                print(f"    {inner} dec2 {dec2:.3e} step {s:.3g} rho {rho:.9g}")
-            if out_of_time():
-                break
-        Tcur = [np.full(pb.ns[k + 1], float(theta[k])) for k in range(pb.l)] if layer else \
-            pb.split(theta.detach().cpu().numpy())
-        rcur = repair(ws, sl, Tcur, _W0r=pb.W0r)
-        history.append((outer, tau, rho, rcur, newton_steps))
-        if verbose:
-            print(f"outer {outer} tau {tau:.3e} rho {rho:.10g} verified {rcur:.10g} steps {newton_steps}")
-        if rcur < best[0]:
-            best = (rcur, Tcur)
-        if nu / tau < tol * best[0] or out_of_time():
-            break
-        tau *= mu_factor
-        f, rho = reduced(theta)
-    return _finish(ws, sl, mode, best[1], rho, t0,
-                   {"newton_steps": newton_steps, "outer": len(history), "device": str(dev)})
+                        raw_violation=viol, seconds=time.perf_counter() - t0, converged=converged, stop=stop,
+                        gap=gap, dual_value=math.sqrt(dual) if np.isfinite(dual) and dual > 0 else None,
+                        info=info or {})
 
 
 def lipsdp_batch(hidden_weights, slopes, last_layers, mode="neuron", **kw) -> list:
@@ -558,4 +472,4 @@ def initial_T(weights, slopes) -> list:
     """A strictly feasible layer-uniform multiplier (closed-form backward elimination): a cheap
     certificate start for callers (fine-tuning); certify it with ``repair`` + ``verify_lipsdp``."""
     ws, sl = _prepare(weights, slopes)
-    return _initial_point(ws, sl)
+    return backward_start(ws, sl)

@@ -15,7 +15,7 @@ import time
 
 import numpy as np
 
-from lipverify.bounds.lipsdp_core import (LipSDPResult, _initial_point, _prepare, dims, inflate, lmi_violation,
+from lipverify.bounds.lipsdp_core import (LipSDPResult, _prepare, backward_start, dims, inflate, lmi_violation,
                                           loop_jacobian, repair, verify_lipsdp)
 
 
@@ -77,7 +77,7 @@ def lipsdp_cvxpy(weights, slopes, mode="neuron", *, eps=1e-3, form="plain", max_
     how = "repair of SCS T"
     if not np.isfinite(rho_v):
         # SCS's T admits no rho at all: mix in a strictly feasible layer-wise T (convexity of the LMI)
-        Tf = _initial_point(_prepare(ws, sl)[0], sl, mode)
+        Tf = backward_start(_prepare(ws, sl)[0], sl)
         for theta in (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 0.1, 0.5, 1.0):
             Tm = [(1 - theta) * a + theta * b for a, b in zip(T, Tf)]
             rho_v = repair(ws, sl, Tm)
@@ -92,5 +92,6 @@ def lipsdp_cvxpy(weights, slopes, mode="neuron", *, eps=1e-3, form="plain", max_
     raw_violation = lmi_violation(ws, sl, T_raw, raw_rho) if n <= 4000 else float("nan")
     return LipSDPResult(value=inflate(math.sqrt(rho_v), n), rho=rho_v, T=T, mode=mode, solver="cvxpy-scs",
                         check=f"{msg}; {how}", raw_value=math.sqrt(max(raw_rho, 0.0)),
-                        raw_violation=raw_violation, seconds=seconds,
+                        raw_violation=raw_violation, seconds=seconds, converged=prob.status == "optimal",
+                        stop=f"SCS status {prob.status} at eps {eps:g}",
                         info={"status": prob.status, "eps": eps, "form": form})

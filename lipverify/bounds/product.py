@@ -18,16 +18,21 @@ from lipverify.graph.ir import Graph
 from lipverify.norms.margin import inflate
 
 
-def propagate(graph: Graph, factors: dict[str, float]) -> float:
-    """Bound on Lip(input -> output) given a certified factor per unary node."""
+def cumulative_bounds(graph: Graph, factors: dict[str, float]) -> dict[str, float]:
+    """Bound on Lip(input -> node) for every node, given a certified factor per unary node."""
     bound = {graph.input_name: 1.0}
     for n in graph.nodes:
         if n.is_merge:
             bound[n.name] = n.op.combine([bound[i] for i in n.inputs])
         else:
             bound[n.name] = factors[n.name] * bound[n.inputs[0]]
+    return bound
+
+
+def propagate(graph: Graph, factors: dict[str, float]) -> float:
+    """Bound on Lip(input -> output) given a certified factor per unary node."""
     # float64 rounding of the products and sums: one more documented margin
-    return inflate(bound[graph.output], len(graph.nodes))
+    return inflate(cumulative_bounds(graph, factors)[graph.output], len(graph.nodes))
 
 
 def op_fingerprint(op, in_shape) -> str:
@@ -55,12 +60,25 @@ def layer_factors(graph: Graph, ctx: BoundContext) -> list[tuple]:
     return out
 
 
-def layer_rows(graph: Graph, factors) -> list[LayerBound]:
-    return [
-        LayerBound(name=n.source or n.name, op=n.op.describe(), in_shape=list(graph.in_shape(n)),
-                   out_shape=list(n.out_shape), factor=r.upper, lower=r.lower, how=r.method)
-        for n, r in factors
-    ]
+def layer_rows(graph: Graph, factors, cumulative: dict[str, float] | None = None) -> list[LayerBound]:
+    """One row per node in graph order: unary nodes with their factor, merges (residual Add,
+    Concat) with how they combine their branches; ``cumulative`` adds Lip(input -> node)."""
+    by_name = {n.name: r for n, r in factors}
+    rows = []
+    for n in graph.nodes:
+        extra = {} if cumulative is None else {"cumulative": cumulative[n.name]}
+        common = dict(name=n.source or n.name, op=n.op.describe(), in_shape=list(graph.in_shape(n)),
+                      out_shape=list(n.out_shape), extra=extra)
+        if n.is_merge:
+            rows.append(LayerBound(factor=None, lower=None, how=f"combines the bounds of its {len(n.inputs)} "
+                                   f"inputs ({MERGE_RULES.get(n.op.kind, n.op.kind)})", **common))
+        else:
+            r = by_name[n.name]
+            rows.append(LayerBound(factor=r.upper, lower=r.lower, how=r.method, **common))
+    return rows
+
+
+MERGE_RULES = {"Add": "sum", "Sub": "sum", "Concat": "root sum of squares"}
 
 
 @register
@@ -71,9 +89,10 @@ class ProductBound(BoundMethod):
     def run(self, graph: Graph, ctx: BoundContext) -> BoundResult:
         start = time.perf_counter()
         factors = layer_factors(graph, ctx)
-        value = propagate(graph, {n.name: r.upper for n, r in factors})
+        uppers = {n.name: r.upper for n, r in factors}
+        value = propagate(graph, uppers)
         return BoundResult(
-            method=self.name, value=value, layers=layer_rows(graph, factors),
+            method=self.name, value=value, layers=layer_rows(graph, factors, cumulative_bounds(graph, uppers)),
             check="per-layer norms in float64 with rounding margin",
             witness={"factors": {n.name: r.upper for n, r in factors}},
             seconds=time.perf_counter() - start,

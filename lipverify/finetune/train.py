@@ -94,7 +94,7 @@ class FinetuneOptions:
     device: str = "cpu"  # training device: cpu, cuda or auto (certification always runs on the CPU)
     certify_method: str = "auto"
     lower_starts: int = 8
-    lower_budget_s: float = 10.0
+    lower_budget_s: float | None = None
     # files
     checkpoint: str | None = None
     resume: bool = False
@@ -537,7 +537,9 @@ def _export_and_certify(run: _Run, opts, target, tg, entries, out, cert_path, ck
         "target_met": L <= target,
         "method": opts.method,
         "loss": {"kind": loss_fn.kind, "beta": loss_fn.beta, "margin_eps": loss_fn.offset / math.sqrt(2.0)},
-        "batchnorm": "folded into the adjacent convolution before training (lipverify.graph.simplify)",
+        "batchnorm": ("folded into the adjacent convolution before training (lipverify.graph.simplify)"
+                      if any(n.op_type == "BatchNormalization" for n in run.loaded.onnx_model.graph.node) else None),
+        "certified_accuracy_form": "global",  # radius margin / (sqrt(2) L) from the certified L
         "settings": opts.settings(),
         "seed": opts.seed,
         "validation": run.val_name,

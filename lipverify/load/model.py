@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import io
+import math
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -81,48 +82,31 @@ def check_finite_initializers(model: onnx.ModelProto) -> None:
 
 # ------------------------------------------------------------------------------------------------
 # ONNX
-def load_onnx(path: Path, input_shape=None) -> LoadedModel:
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as exc:  # protobuf DecodeError, onnx errors, ...
-        raise UserInputError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})".split("\n")[0]) from exc
-    if not model.graph.node:
-        raise UserInputError(f"{path}: the ONNX graph is empty (not a valid model file)")
-    if not model.graph.output:
-        raise UserInputError(f"{path}: the ONNX graph declares no output")
-    data_files = {}
-    for init in model.graph.initializer:
-        for entry in init.external_data:
-            if entry.key == "location" and entry.value not in data_files:
-                f = path.parent / entry.value
-                if not f.is_file():
-                    raise UserInputError(f"{path}: external data file {entry.value!r} is missing; keep the .onnx "
-                                         "file and its data file(s) together")
-                data_files[entry.value] = sha256_file(f)
-    try:
-        if data_files:
-            onnx.load_external_data_for_model(model, str(path.parent))
-    except Exception as exc:
-        raise UserInputError(f"{path}: could not read its external data ({type(exc).__name__}: {exc})"
-                             .split("\n")[0]) from exc
-    check_finite_initializers(model)
-    serialized = model.SerializeToString()
-    batch_dims = [i.type.tensor_type.shape.dim for i in model.graph.input
-                  if i.name not in {t.name for t in model.graph.initializer}]
-    fixed_batch = batch_dims[0][0].dim_value if batch_dims and batch_dims[0] and batch_dims[0][0].dim_value else None
+def _fixed_batch(model: onnx.ModelProto) -> int | None:
+    inits = {t.name for t in model.graph.initializer}
+    dims = [i.type.tensor_type.shape.dim for i in model.graph.input if i.name not in inits]
+    return dims[0][0].dim_value if dims and dims[0] and dims[0][0].dim_value else None
+
+
+def onnx_reference(serialized: bytes, dtype, batched: bool, fixed_batch: int | None) -> Callable[[np.ndarray], np.ndarray]:
+    """The model as onnxruntime computes it, on a batch: in chunks of a fixed batch size when the file
+    declares one, one sample at a time when the graph has no batch axis."""
+    state: dict = {}
 
     def reference(x: np.ndarray) -> np.ndarray:
-        """The model as onnxruntime computes it (float32); respects a fixed batch size in the file."""
         import onnxruntime as ort
 
-        if not hasattr(reference, "session"):
+        if "session" not in state:
             ort.set_default_logger_severity(3)
             options = ort.SessionOptions()
             options.log_severity_level = 3
-            reference.session = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
-        s = reference.session
+            state["session"] = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+        s = state["session"]
         name = s.get_inputs()[0].name
-        x = np.asarray(x, dtype=np.float32)
+        x = np.asarray(x, dtype=dtype)
+        if not batched:
+            return np.stack([np.asarray(s.run(None, {name: sample})[0]) for sample in x]) if len(x) else \
+                np.zeros((0,))
         if fixed_batch is None or len(x) == fixed_batch:
             return s.run(None, {name: x})[0]
         outs = []
@@ -134,23 +118,124 @@ def load_onnx(path: Path, input_shape=None) -> LoadedModel:
             outs.append(s.run(None, {name: chunk})[0][: fixed_batch - pad])
         return np.concatenate(outs)
 
+    return reference
+
+
+def load_onnx(path: Path, input_shape=None) -> LoadedModel:
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as exc:  # protobuf DecodeError, onnx errors, ...
+        raise UserInputError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {exc})".split("\n")[0]) from exc
+    if not model.graph.node:
+        raise UserInputError(f"{path}: the ONNX graph is empty (not a valid model file)")
+    if not model.graph.output:
+        raise UserInputError(f"{path}: the ONNX graph declares no output")
+    from onnx.external_data_helper import _get_all_tensors, uses_external_data
+
+    data_files = {}
+    external = [t for t in _get_all_tensors(model) if uses_external_data(t)]  # initializers AND attribute tensors
+    for tensor in external:
+        for entry in tensor.external_data:
+            if entry.key == "location" and entry.value not in data_files:
+                f = (path.parent / entry.value).resolve()
+                if path.parent.resolve() not in f.parents:
+                    raise UserInputError(f"{path}: external data file {entry.value!r} lies outside the model's folder")
+                if not f.is_file():
+                    raise UserInputError(f"{path}: external data file {entry.value!r} is missing; keep the .onnx "
+                                         "file and its data file(s) together")
+                data_files[entry.value] = sha256_file(f)
+    try:
+        if external:
+            onnx.load_external_data_for_model(model, str(path.parent))
+    except Exception as exc:
+        raise UserInputError(f"{path}: could not read its external data ({type(exc).__name__}: {exc})"
+                             .split("\n")[0]) from exc
+    if any(uses_external_data(t) for t in _get_all_tensors(model)):
+        raise UserInputError(f"{path}: some external data could not be loaded from the model's folder")
+    check_finite_initializers(model)
+    from lipverify.graph.from_onnx import input_dtype, input_layout
+
+    dtype = input_dtype(model)
+    _, batched, _ = input_layout(model, input_shape)
+    reference = onnx_reference(model.SerializeToString(), dtype, batched, _fixed_batch(model) if batched else None)
     return LoadedModel(path, "onnx", sha256_file(path), model, reference, input_shape, data_files=data_files)
 
 
 # ------------------------------------------------------------------------------------------------
 # torch sources (TorchScript, safetensors + spec, nn.Module factory) -> ONNX in memory
+FLOAT32_HALF_ULP = 2.0 ** -24
+
+
+def softplus_jump_ok(beta: float, threshold: float) -> bool:
+    """torch's softplus(x, beta, threshold) switches to the identity when beta x > threshold: a jump of
+    log(1 + e^-threshold) / beta there. Accept it only below float32 rounding of the output (threshold / beta)."""
+    if not (math.isfinite(beta) and beta > 0 and math.isfinite(threshold)):
+        return False
+    return math.log1p(math.exp(-threshold)) <= FLOAT32_HALF_ULP * abs(threshold) if threshold > -700 else False
+
+
+def _graph_nodes(graph):
+    for node in graph.nodes():
+        yield node
+        for block in node.blocks():
+            yield from _graph_nodes(block)
+
+
+def _constant(value):
+    node = value.node()
+    return node.output().toIValue() if node.kind() == "prim::Constant" else None
+
+
+def _refuse_tracer_warnings(caught) -> None:
+    for w in caught:
+        if issubclass(w.category, torch.jit.TracerWarning):
+            raise UserInputError(f"the model's forward cannot be traced faithfully ({str(w.message).splitlines()[0]}): "
+                                 "data-dependent Python control flow or values would be frozen at one input; "
+                                 "refusing to certify a different function")
+
+
+def check_torch_semantics(module: torch.nn.Module, example: torch.Tensor) -> None:
+    """Refuse torch models whose ONNX export would compute something else than the module: data-dependent
+    Python control flow (the tracer's warnings are errors) and softplus thresholds whose jump is larger
+    than float32 rounding (the exported ONNX Softplus is smooth)."""
+    if isinstance(module, torch.jit.ScriptModule):
+        graph = module.inlined_graph
+    else:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                graph = torch.jit.trace(module, (example,), check_trace=False).inlined_graph
+            except Exception as exc:
+                raise UserInputError(f"could not trace the model: {type(exc).__name__}: {exc}".split("\n")[0]) from exc
+        _refuse_tracer_warnings(caught)
+    for node in _graph_nodes(graph):
+        if node.kind() == "aten::softplus":
+            args = list(node.inputs())
+            beta, threshold = (_constant(a) for a in args[1:3])
+            if beta is None or threshold is None:
+                raise UserInputError("softplus with a non-constant beta/threshold is not supported")
+            if not softplus_jump_ok(float(beta), float(threshold)):
+                jump = math.log1p(math.exp(-float(threshold))) / float(beta) if float(beta) > 0 else float("nan")
+                raise UserInputError(
+                    f"softplus(beta={float(beta):g}, threshold={float(threshold):g}) switches to the identity with a "
+                    f"jump of {jump:.3g}, more than float32 rounding of its output: the function is not Lipschitz "
+                    "(the exported ONNX softplus would hide the jump). Use a threshold of at least 15.")
+
+
 def torch_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
     example = torch.randn((2,) + tuple(input_shape))
+    check_torch_semantics(module, example)
     buffer = io.BytesIO()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=EXPORT_OPSET,
                               input_names=["input"], output_names=["output"],
                               dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
     except Exception as exc:
         raise UserInputError(f"could not trace the model on input shape {tuple(input_shape)}: "
                              f"{type(exc).__name__}: {exc}".split("\n")[0]) from exc
+    _refuse_tracer_warnings(caught)
     return onnx.load_from_string(buffer.getvalue())
 
 

@@ -1,5 +1,10 @@
 """onnx2torch 1.5.15, made usable here: no torchvision needed, and the converters it lacks.
 
+Optional: lipverify's own pipeline (extraction, bounds, fine-tuning) never uses onnx2torch. It is not
+a dependency because pip would install its torchvision requirement, and the torchvision that matches
+torch 2.13.0 on PyPI fails on import ("operator torchvision::nms does not exist"), breaking other code
+in the user's environment. Install it with ``pip install --no-deps onnx2torch`` to use this module.
+
 Two problems with onnx2torch as installed by the project's pins (design notes, section 7):
 
 1. ``import onnx2torch`` imports torchvision, only for its NonMaxSuppression and RoiAlign
@@ -24,6 +29,7 @@ drop), and turns "no converter" failures into :class:`UnsupportedOperationError`
 from __future__ import annotations
 
 import importlib.machinery
+import importlib.util
 import sys
 import threading
 import types
@@ -99,6 +105,9 @@ def import_onnx2torch() -> types.ModuleType:
     converters (idempotent).
     """
     global _TORCHVISION_STATUS
+    if importlib.util.find_spec("onnx2torch") is None:
+        raise UserInputError("onnx2torch is not installed (it is optional: lipverify itself never needs it); install "
+                             "it without its torchvision requirement: pip install --no-deps onnx2torch")
     with _LOCK:
         if "onnx2torch" not in sys.modules:
             try:

@@ -35,6 +35,12 @@ class Op:
     def describe(self) -> str:
         return self.kind
 
+    def magnitude(self, m: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """An upper bound on the magnitudes of the terms that make up each output entry, given the input
+        ``x`` and a bound ``m >= |x|`` on the input's: the scale of float32 rounding (the self-check's
+        per-output tolerance). Default: the op applied to ``m`` (right for maps with nonnegative weights)."""
+        return self.forward(m)
+
     def to(self, dtype: torch.dtype) -> "Op":
         """Cast stored tensors (weights) to ``dtype``; returns self."""
         for name, value in vars(self).items():
@@ -67,6 +73,10 @@ class MergeOp:
     def combine(self, input_bounds: Sequence[float]) -> float:
         """Lipschitz bound of the output given bounds of each input w.r.t. the network input."""
         raise NotImplementedError  # pragma: no cover - abstract
+
+    def magnitude(self, *ms: torch.Tensor) -> torch.Tensor:
+        """See ``Op.magnitude``; merges add (or concatenate) their inputs' magnitudes."""
+        return self.forward(*ms)
 
     def describe(self) -> str:
         return self.kind

@@ -31,8 +31,34 @@ class Dense(LinearOp):
     def factor(self, in_shape, device="cpu") -> NormResult:
         return dense_norm(self.weight, device=device)
 
+    def magnitude(self, m, x):
+        y = m @ self.weight.abs().T
+        return y if self.bias is None else y + self.bias.abs()
+
     def describe(self) -> str:
         return f"Dense {self.weight.shape[1]}→{self.weight.shape[0]}"
+
+
+class LeftMatMul(LinearOp):
+    """y = A x for a constant matrix A acting on the second-to-last axis of each sample
+    ((..., n, k) -> (..., m, k); ONNX MatMul with the constant on the left). The map is A ⊗ I: norm ||A||_2."""
+
+    kind = "LeftMatMul"
+
+    def __init__(self, matrix: torch.Tensor):
+        self.matrix = matrix  # (m, n)
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(self.matrix.to(x.dtype), x)
+
+    def factor(self, in_shape, device="cpu") -> NormResult:
+        return dense_norm(self.matrix, device=device)
+
+    def magnitude(self, m, x):
+        return torch.matmul(self.matrix.abs().to(m.dtype), m)
+
+    def describe(self) -> str:
+        return f"LeftMatMul {self.matrix.shape[1]}→{self.matrix.shape[0]}"
 
 
 class Scale(LinearOp):
@@ -49,6 +75,9 @@ class Scale(LinearOp):
 
     def apply(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.scale
+
+    def magnitude(self, m, x):
+        return m * self.scale.abs()
 
     def factor(self, in_shape, device="cpu") -> NormResult:
         value = float(self.scale.abs().max()) if self.scale.numel() else 0.0
@@ -69,6 +98,9 @@ class Shift(Op):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.shift
+
+    def magnitude(self, m, x):
+        return m + self.shift.abs()
 
     def factor(self, in_shape, device="cpu") -> NormResult:
         return NormResult(upper=1.0, lower=1.0, method="exact (translation)")

@@ -28,6 +28,9 @@ class Sub(MergeOp):
     def forward(self, a, b):
         return a - b
 
+    def magnitude(self, a, b):
+        return a + b
+
     def combine(self, input_bounds: Sequence[float]) -> float:
         return float(sum(input_bounds))
 

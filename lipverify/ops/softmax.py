@@ -17,5 +17,9 @@ class Softmax(Op):
     def forward(self, x):
         return torch.softmax(x, dim=self.axis + 1)
 
+    def magnitude(self, m, x):
+        # outputs in [0, 1]; an input error e moves them by at most max e along the axis
+        return torch.ones_like(m) + m.amax(dim=self.axis + 1, keepdim=True)
+
     def factor(self, in_shape, device="cpu"):
         return NormResult(upper=1.0, lower=0.0, method="1-Lipschitz (Gao & Pavel 2017)")

@@ -15,57 +15,15 @@ from __future__ import annotations
 import json
 import math
 import os
-from decimal import ROUND_CEILING, ROUND_FLOOR, Decimal, InvalidOperation
 from html import escape
 
 from lipverify.report import plots
-
-SIG = 6
+from lipverify.report.labels import label, pairwise_text, radius_form, run_rows
+from lipverify.report.numbers import SIG, fmt_num, fmt_pct, gate_check  # noqa: F401 (markdown.py imports them here)
 
 
 # --------------------------------------------------------------------------- shared formatting
 # (markdown.py imports these so both reports print identical numbers)
-
-
-def fmt_num(v, direction: str | None = None, sig: int = SIG) -> str:
-    """``v`` to ``sig`` significant digits; ``direction`` "up"/"down" rounds toward safety."""
-    if v is None:
-        return "—"
-    if isinstance(v, bool):
-        return str(v)
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if not math.isfinite(f):
-        return "∞" if f > 0 else ("−∞" if f < 0 else "NaN")
-    if f == 0 or direction is None:
-        return format(f, f".{sig}g")
-    try:
-        d = Decimal(repr(f))
-        q = d.quantize(Decimal(1).scaleb(d.adjusted() - (sig - 1)),
-                       rounding=ROUND_CEILING if direction == "up" else ROUND_FLOOR)
-    except InvalidOperation:  # pragma: no cover - extreme exponents
-        return format(f, f".{sig}g")
-    return format(float(q), f".{sig}g")
-
-
-def fmt_pct(v, direction: str | None = "down") -> str:
-    """A fraction as a percentage with two decimals, rounded down by default (accuracies)."""
-    if v is None:
-        return "—"
-    try:
-        f = float(v)
-    except (TypeError, ValueError):
-        return str(v)
-    if not math.isfinite(f):
-        return str(f)
-    scaled = f * 100.0
-    if direction == "down":
-        scaled = math.floor(scaled * 100.0 + 1e-9) / 100.0
-    elif direction == "up":
-        scaled = math.ceil(scaled * 100.0 - 1e-9) / 100.0
-    return f"{scaled:.2f}%"
 
 
 def fmt_shape(v) -> str:
@@ -216,7 +174,7 @@ def _section_summary(cert: dict) -> str:
               f"method <code>{_e(method or '—')}</code>, {scope}"),
         _card("Lower bound (attack)", _e(fmt_num(cert.get("lower_bound"), "down")),
               "the true constant is at least this"),
-        _card("Tightness", _e(fmt_num(ratio, None, 3)), "lower / certified (1 = exact)"),
+        _card("Tightness", _e(fmt_num(ratio, "down", 3)), "lower / certified (1 = exact)"),
         _card("Gates", _badge(gate_verdict(cert)), ""),
     ]
     data = cert.get("data")
@@ -225,7 +183,7 @@ def _section_summary(cert: dict) -> str:
         if ca:
             eps, acc = next(iter(ca.items()))
             cards.append(_card(f"Certified accuracy @ ε={eps}", _e(fmt_pct(acc)),
-                               f"clean {_e(fmt_pct(data.get('clean_accuracy')))}"))
+                               f"{_e(data.get('form', '?'))} radii; clean {_e(fmt_pct(data.get('clean_accuracy')))}"))
     warn = ""
     if soundness_alarm(cert):
         warn = (
@@ -244,8 +202,15 @@ def _section_model(cert: dict) -> str:
         ("Input shape", _e(fmt_shape(m.get("input_shape")))),
     ]
     for k, v in m.items():  # any further model fields
-        if k not in ("path", "sha256", "format", "input_shape"):
-            rows.append((str(k), _e(v)))
+        if k in ("path", "sha256", "format", "input_shape"):
+            continue
+        if k == "output_shape":
+            rows.append((label(k), _e(fmt_shape(v))))
+        elif isinstance(v, dict):
+            if v:
+                rows.append((label(k), "<br>".join(f"<code>{_e(f)}</code>: <code>{_e(h)}</code>" for f, h in v.items())))
+        else:
+            rows.append((label(str(k)), _e(v)))
     output = cert.get("output")
     rows.append(("Bounded map", "all logits" if output is None else f"logit {_e(output)} only"))
     if cert.get("device") is not None:
@@ -264,7 +229,7 @@ def _section_bounds(cert: dict) -> str:
         rows.append(
             f'<tr class="{"chosen" if chosen else ""}"><td><code>{_e(name)}</code>{mark}</td>'
             f'<td class="num">{_e(fmt_num(value, "up"))}</td>'
-            f'<td class="num">{_e(fmt_num(ratio, None, 3))}</td>'
+            f'<td class="num">{_e(fmt_num(ratio, "down", 3))}</td>'
             f"<td>{_e(check) if check else '—'}</td></tr>"
         )
     table = (
@@ -285,19 +250,23 @@ def _section_layers(cert: dict) -> str:
     if not layers:
         return ""
     rows = []
+    cumulative = any(la.get("cumulative") is not None for la in layers)
     for i, la in enumerate(layers):
+        merge = "factor" in la and la.get("factor") is None
+        so_far = f"<td class='num'>{_e(fmt_num(la.get('cumulative'), 'up'))}</td>" if cumulative else ""
         rows.append(
             f"<tr><td class='num'>{i}</td><td><code>{_e(la.get('name', '—'))}</code></td>"
             f"<td>{_e(la.get('op', '—'))}</td><td class='mono'>{_e(fmt_shape(la.get('in_shape')))}</td>"
             f"<td class='mono'>{_e(fmt_shape(la.get('out_shape')))}</td>"
-            f"<td class='num'>{_e(fmt_num(la.get('factor'), 'up'))}</td>"
+            f"<td class='num'>{'merge' if merge else _e(fmt_num(la.get('factor'), 'up'))}</td>"
             f"<td class='num'>{_e(fmt_num(la.get('lower'), 'down'))}</td>"
-            f"<td class='num'>{_e(fmt_num(la.get('tau'), 'up'))}</td>"
+            f"<td class='num'>{_e(fmt_num(la.get('tau'), 'up'))}</td>{so_far}"
             f"<td>{_e(la.get('how', '—'))}</td></tr>"
         )
     table = (
         "<table><tr><th>#</th><th>layer</th><th>op</th><th>in shape</th><th>out shape</th>"
-        "<th>factor (upper)</th><th>lower</th><th>τ</th><th>how</th></tr>" + "".join(rows) + "</table>"
+        "<th>factor (upper)</th><th>lower</th><th>τ</th>" + ("<th>bound so far</th>" if cumulative else "")
+        + "<th>how</th></tr>" + "".join(rows) + "</table>"
     )
     chart = _plot(plots.factor_chart_svg(layers))
     summary = f"Per-layer table ({len(layers)} layers)"
@@ -320,14 +289,20 @@ def _section_data(cert: dict) -> str:
         ("Samples", _e(data.get("n", "—"))),
         ("Clean accuracy", _e(fmt_pct(data.get("clean_accuracy")))),
         ("Ties / misclassified", f"{_e(data.get('n_ties', '—'))} / {_e(data.get('n_misclassified', '—'))}"),
-        ("Radius form", _e(data.get("form", "—"))),
+        ("Radius form", _e(radius_form(data))),
     ]
+    if data.get("sha256"):
+        rows.insert(1, ("Data SHA-256", f"<code>{_e(data['sha256'])}</code>"))
+    pairs = pairwise_text(data)
+    if pairs:
+        rows.append(("Pairwise bounds by", _e(pairs)))
     eps_rows = "".join(
         f"<tr><td class='num'>{_e(k)}</td><td class='num'>{_e(fmt_pct(v))}</td></tr>"
         for k, v in (data.get("certified_accuracy") or {}).items()
     )
     eps_table = (
-        "<table style='width:auto'><tr><th>ε (L2)</th><th>certified accuracy</th></tr>" + eps_rows + "</table>"
+        f"<table style='width:auto'><tr><th>ε (L2)</th><th>certified accuracy ({_e(data.get('form', '?'))} radii)</th></tr>"
+        + eps_rows + "</table>"
         if eps_rows else ""
     )
     q = data.get("radius_quantiles") or {}
@@ -347,27 +322,41 @@ def _section_data(cert: dict) -> str:
     )
 
 
+def _section_notes(cert: dict) -> str:
+    """How the method was chosen, the notes of the run, and what --budget-s cut."""
+    items = []
+    if cert.get("method_reason"):
+        items.append(f"<li>Method choice: {_e(cert['method_reason'])}</li>")
+    items += [f"<li>{_e(n)}</li>" for n in cert.get("notes") or []]
+    cuts = (cert.get("run") or {}).get("cut_by_budget") if isinstance(cert.get("run"), dict) else None
+    items += [f"<li><b>Cut by --budget-s:</b> {_e(c)}</li>" for c in cuts or []]
+    return f"<h2>Notes</h2><ul>{''.join(items)}</ul>" if items else ""
+
+
 def _section_gates(cert: dict) -> str:
     gates = [g for g in cert.get("gates") or [] if isinstance(g, dict)]
     if not gates:
         return ""
     rows = "".join(
-        f"<tr><td><code>{_e(g.get('name', '—'))}</code></td><td class='num'>{_e(fmt_num(g.get('threshold'), sig=10))}</td>"
-        f"<td class='num'>{_e(fmt_num(g.get('value'), sig=10))}</td>"
+        f"<tr><td><code>{_e(g.get('name', '—'))}</code></td><td class='num'>{_e(gate_check(g, with_name=False))}</td>"
         f"<td>{_badge('pass' if g.get('passed') else 'fail')}</td></tr>"
         for g in gates
     )
     return (
-        "<h2>Gates</h2><table><tr><th>gate</th><th>threshold</th><th>value</th><th>result</th></tr>"
+        "<h2>Gates</h2><table><tr><th>gate</th><th>value vs threshold</th><th>result</th></tr>"
         + rows + "</table>"
     )
 
 
 def _section_run(cert: dict) -> str:
     out = ""
+    audit = run_rows(cert)
+    if audit:
+        out += "<h2>Audit trail</h2>" + _kv_table([(k, f"<code>{_e(v)}</code>" if k in ("Command", "Git commit")
+                                                    else _e(v)) for k, v in audit])
     timings = cert.get("timings")
     if isinstance(timings, dict) and timings:
-        out += "<h2>Timings</h2>" + _kv_table([(k, _e(fmt_seconds(v))) for k, v in timings.items()])
+        out += "<h2>Timings</h2>" + _kv_table([(label(str(k)), _e(fmt_seconds(v))) for k, v in timings.items()])
     versions = cert.get("versions")
     if isinstance(versions, dict) and versions:
         out += "<h2>Versions</h2>" + _kv_table([(k, f"<code>{_e(v)}</code>") for k, v in versions.items()])
@@ -390,6 +379,7 @@ def render_html(cert: dict) -> str:
         + _section_layers(cert)
         + _section_data(cert)
         + _section_gates(cert)
+        + _section_notes(cert)
         + _section_run(cert)
         + "<h2>Full certificate</h2><details><summary>JSON</summary><pre>"
         + _e(raw)

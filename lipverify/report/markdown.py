@@ -20,6 +20,8 @@ from lipverify.report.html import (
     soundness_alarm,
     ratio_of,
 )
+from lipverify.report.labels import label, pairwise_text, radius_form, run_rows
+from lipverify.report.numbers import gate_check
 
 
 def _cell(v) -> str:
@@ -58,7 +60,7 @@ def render_markdown(cert: dict) -> str:
     out.append(
         f"**Certified L2 Lipschitz bound: {fmt_num(cert.get('certified_bound'), 'up')}**{scope} "
         f"(method {_code(cert.get('method', '—'))}) · lower bound {fmt_num(cert.get('lower_bound'), 'down')} "
-        f"· tightness {fmt_num(ratio, None, 3)} · gates: {_verdict_text(gate_verdict(cert))}"
+        f"· tightness {fmt_num(ratio, 'down', 3)} · gates: {_verdict_text(gate_verdict(cert))}"
     )
     if soundness_alarm(cert):
         out += ["", "> **Warning:** the sampled lower bound exceeds the certified bound: this certificate "
@@ -71,15 +73,15 @@ def render_markdown(cert: dict) -> str:
             ["sha256", _code(model.get("sha256", ""))],
             ["format", _cell(model.get("format", "—"))],
             ["input shape", _cell(fmt_shape(model.get("input_shape")))],
-        ],
+        ] + ([["output shape", _cell(fmt_shape(model.get("output_shape")))]] if "output_shape" in model else []),
     ))
 
     gates = [g for g in cert.get("gates") or [] if isinstance(g, dict)]
     if gates:
         out += ["", "### Gates", ""]
         out.append(_table(
-            ["gate", "threshold", "value", "result"],
-            [[_code(g.get("name", "")), fmt_num(g.get("threshold"), sig=10), fmt_num(g.get("value"), sig=10),
+            ["gate", "value vs threshold", "result"],
+            [[_code(g.get("name", "")), _cell(gate_check(g, with_name=False)),
               "✅ pass" if g.get("passed") else "❌ fail"] for g in gates],
         ))
 
@@ -90,7 +92,7 @@ def render_markdown(cert: dict) -> str:
         rows.append([
             _code(name) + (" **(reported)**" if chosen else ""),
             fmt_num(value, "up"),
-            fmt_num(ratio_of(cert.get("lower_bound"), value), None, 3),
+            fmt_num(ratio_of(cert.get("lower_bound"), value), "down", 3),
             _cell(check) if check else "—",
         ])
     out += ["", "### Global bounds", ""]
@@ -104,13 +106,21 @@ def render_markdown(cert: dict) -> str:
         out.append(
             f"{_cell(data.get('n', '—'))} samples from {_code(data.get('path', ''))}: clean accuracy "
             f"{fmt_pct(data.get('clean_accuracy'))}, {_cell(data.get('n_ties', '—'))} ties, "
-            f"{_cell(data.get('n_misclassified', '—'))} misclassified; radius form "
-            f"{_cell(data.get('form', '—'))}."
+            f"{_cell(data.get('n_misclassified', '—'))} misclassified; radius form: "
+            f"{_cell(radius_form(data))}."
         )
+        extra = []
+        if data.get("sha256"):
+            extra.append(f"data sha256 {_code(data['sha256'])}")
+        if pairwise_text(data):
+            extra.append(f"pairwise bounds by {_cell(pairwise_text(data))}")
+        if extra:
+            out += ["", "; ".join(extra) + "."]
         ca = data.get("certified_accuracy") or {}
         if ca:
             out.append("")
-            out.append(_table(["ε (L2)", "certified accuracy"], [[_cell(k), fmt_pct(v)] for k, v in ca.items()]))
+            out.append(_table(["ε (L2)", f"certified accuracy ({_cell(data.get('form', '?'))} radii)"],
+                              [[_cell(k), fmt_pct(v)] for k, v in ca.items()]))
         q = data.get("radius_quantiles") or {}
         if q:
             out.append("")
@@ -118,20 +128,38 @@ def render_markdown(cert: dict) -> str:
 
     layers = [la for la in cert.get("layers") or [] if isinstance(la, dict)]
     if layers:
+        cumulative = any(la.get("cumulative") is not None for la in layers)
         out += ["", f"<details><summary>Per-layer factors ({len(layers)} layers)</summary>", ""]
-        out.append(_table(
-            ["#", "layer", "op", "in", "out", "factor", "lower", "how"],
-            [[str(i), _code(la.get("name", "")), _cell(la.get("op", "—")), _cell(fmt_shape(la.get("in_shape"))),
-              _cell(fmt_shape(la.get("out_shape"))), fmt_num(la.get("factor"), "up"),
-              fmt_num(la.get("lower"), "down"), _cell(la.get("how", "—"))] for i, la in enumerate(layers)],
-        ))
+        rows = []
+        for i, la in enumerate(layers):
+            merge = "factor" in la and la.get("factor") is None
+            row = [str(i), _code(la.get("name", "")), _cell(la.get("op", "—")), _cell(fmt_shape(la.get("in_shape"))),
+                   _cell(fmt_shape(la.get("out_shape"))), "merge" if merge else fmt_num(la.get("factor"), "up"),
+                   fmt_num(la.get("lower"), "down")]
+            if cumulative:
+                row.append(fmt_num(la.get("cumulative"), "up"))
+            rows.append(row + [_cell(la.get("how", "—"))])
+        out.append(_table(["#", "layer", "op", "in", "out", "factor", "lower"]
+                          + (["bound so far"] if cumulative else []) + ["how"], rows))
         out += ["", "</details>"]
+
+    notes = ([f"method choice: {_cell(cert['method_reason'])}"] if cert.get("method_reason") else []) + \
+        [_cell(n) for n in cert.get("notes") or []]
+    run = cert.get("run") if isinstance(cert.get("run"), dict) else {}
+    notes += [f"**cut by --budget-s:** {_cell(c)}" for c in run.get("cut_by_budget") or []]
+    if notes:
+        out += ["", "### Notes", ""] + [f"- {n}" for n in notes]
+    audit = run_rows(cert)
+    if audit:
+        out += ["", "### Audit trail", ""]
+        out.append(_table(["", "value"], [[_cell(k), _code(v) if k in ("Command", "Git commit") else _cell(v)]
+                                          for k, v in audit]))
 
     timings = cert.get("timings")
     versions = cert.get("versions")
     foot = []
     if isinstance(timings, dict) and timings:
-        foot.append("timings: " + ", ".join(f"{_cell(k)} {fmt_seconds(v)}" for k, v in timings.items()))
+        foot.append("timings: " + ", ".join(f"{_cell(label(str(k)))} {fmt_seconds(v)}" for k, v in timings.items()))
     if cert.get("device") is not None:
         foot.append(f"device: {_cell(cert.get('device'))}")
     if isinstance(versions, dict) and versions:

@@ -18,6 +18,8 @@ matplotlib.use("Agg")  # no display; must precede pyplot
 import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
+from lipverify.report.numbers import fmt_up  # noqa: E402
+
 UPPER_COLOR = "#3b6ea5"
 LOWER_COLOR = "#d2691e"
 CHOSEN_COLOR = "#2e7d32"
@@ -133,7 +135,7 @@ def bounds_chart_svg(bounds, lower=None, chosen=None) -> str | None:
     colors = [CHOSEN_COLOR if k == chosen else UPPER_COLOR for k, _ in items]
     ax.barh(ys, [v for _, v in items], color=colors, height=0.6)
     for y, (_, v) in zip(ys, items):
-        ax.text(v, y, f" {v:.4g}", va="center", fontsize=8)
+        ax.text(v, y, f" {fmt_up(v, 4)}", va="center", fontsize=8)  # certified bounds: rounded up
     ax.set_yticks(ys)
     ax.set_yticklabels([_short(k) for k, _ in items], fontsize=9)
     low = _num(lower)

@@ -12,7 +12,7 @@ every rule it uses. What it trusts:
 
 Modules: ``numbers`` (claimed numbers, upward rounding), ``linalg`` (rigorous Cholesky proofs of
 PSD and norm bounds), ``conv`` (convolution norms: unrolled or per frequency), ``factors`` (per-op
-rules and propagation), one checker per method (``product``, ``lipsdp``, ``scaled``), and
+rules and propagation), one checker per method (``product``, ``lipsdp``, ``compositional``, ``scaled``), and
 ``certificate`` (``lipverify check``: a certificate file against a model file).
 """
 
@@ -23,22 +23,26 @@ from typing import Callable
 
 from lipverify.errors import SoundnessError
 from lipverify.graph.ir import Graph
+from lipverify.verifier.compositional import verify_compositional
 from lipverify.verifier.lipsdp import verify_lipsdp
 from lipverify.verifier.product import verify_product
 from lipverify.verifier.scaled import verify_layerwise, verify_rslmi
 
-# method name -> checker(graph, claimed value, witness) -> what passed; raises SoundnessError
-CHECKERS: dict[str, Callable[[Graph, float, dict], str]] = {
+# method name -> checker(graph, claimed value, witness) -> (the bound the witness implies, what passed);
+# a checker raises SoundnessError (verifier.numbers.fail) when the claim is not proven
+CHECKERS: dict[str, Callable[[Graph, float, dict], tuple[float, str]]] = {
     "product": verify_product,
     "lipsdp-neuron": verify_lipsdp,
     "lipsdp-layer": verify_lipsdp,
     "rslmi": verify_rslmi,
     "layerwise": verify_layerwise,
+    "compositional": verify_compositional,
 }
 
 
-def verify(graph: Graph, result) -> str:
-    """Re-check a method's result (anything with ``method``, ``value``, ``witness``) on ``graph``."""
+def verify_implied(graph: Graph, result) -> tuple[float | None, str]:
+    """Re-check a method's result (anything with ``method``, ``value``, ``witness``) on ``graph``;
+    returns the bound its witness implies (None if the checker does not say) and what passed."""
     value = result.value
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (math.isfinite(value) and value >= 0):
         raise SoundnessError(f"method {result.method} returned a non-finite or negative bound {value!r}")
@@ -47,4 +51,13 @@ def verify(graph: Graph, result) -> str:
         raise SoundnessError(f"no independent verifier for method {result.method!r}; refusing to certify")
     if not isinstance(result.witness, dict):
         raise SoundnessError(f"method {result.method}: the witness is not an object")
-    return checker(graph, float(value), result.witness)
+    out = checker(graph, float(value), result.witness)
+    if isinstance(out, str):
+        return None, out
+    implied, detail = out
+    return float(implied), detail
+
+
+def verify(graph: Graph, result) -> str:
+    """Re-check a method's result on ``graph``; returns what passed (raises SoundnessError otherwise)."""
+    return verify_implied(graph, result)[1]

@@ -16,11 +16,11 @@ import torch
 from lipverify.graph.ir import Graph, Node
 from lipverify.ops.activation import Activation
 from lipverify.ops.base import LinearOp
-from lipverify.ops.conv import Conv
-from lipverify.ops.dense import Dense, Scale, Shift
+from lipverify.ops.conv import Conv, ConvTranspose
+from lipverify.ops.dense import Dense, LeftMatMul, Scale, Shift
 from lipverify.ops.merge import Add, Concat, Sub
 from lipverify.ops.pool import AvgPool, MaxPool, Reduce
-from lipverify.ops.shape import Pad, Reshape, Slice, Transpose
+from lipverify.ops.shape import Broadcast, Pad, Reshape, Slice, Tile, Transpose
 from lipverify.ops.softmax import Softmax
 from lipverify.verifier.conv import UNROLL_MAX_ENTRIES, conv_norm_at_most, unrolled
 from lipverify.verifier.linalg import norm_at_most
@@ -49,6 +49,12 @@ def factor_holds(node: Node, in_shape, claimed: float) -> bool:
     same_shape = tuple(node.out_shape) == in_shape
     if isinstance(op, Dense):
         return norm_at_most(op.weight, claimed)
+    if isinstance(op, LeftMatMul):
+        return norm_at_most(op.matrix, claimed)
+    if isinstance(op, (Broadcast, Tile)):
+        # every input entry is copied k times into disjoint output entries: norm sqrt(k) exactly
+        k = math.prod(node.out_shape) / math.prod(in_shape)
+        return k == int(k) and claimed >= sqrt_up(k)
     if isinstance(op, Shift):
         return same_shape and claimed >= 1.0
     if isinstance(op, Scale):
@@ -69,6 +75,11 @@ def factor_holds(node: Node, in_shape, claimed: float) -> bool:
     if isinstance(op, Conv):
         return conv_norm_at_most(op.weight, in_shape, op.stride, op.pads, op.dilation, op.groups, claimed,
                                  apply=op.apply)
+    if isinstance(op, ConvTranspose):
+        if math.prod(in_shape) * math.prod(node.out_shape) <= UNROLL_MAX_ENTRIES:
+            return norm_at_most(unrolled(op.apply, in_shape), claimed)
+        conv, shape = op.adjoint_conv(tuple(node.out_shape))  # ||op|| <= ||conv|| (see the op's docstring)
+        return conv_norm_at_most(conv.weight, shape, conv.stride, conv.pads, conv.dilation, conv.groups, claimed)
     if isinstance(op, AvgPool):
         n_out = math.prod(node.out_shape)
         if math.prod(in_shape) * n_out <= UNROLL_MAX_ENTRIES:

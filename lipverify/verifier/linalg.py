@@ -65,8 +65,18 @@ def norm_at_most(matrix: torch.Tensor, bound) -> bool:
     a = matrix.to(torch.complex128 if matrix.is_complex() else torch.float64)
     if a.numel() == 0:
         return True
-    if bound * bound == 0.0:  # a zero (or underflowing) bound holds only for the zero map
+    if not bool(torch.isfinite(a).all()):
+        return False
+    if bound == 0.0:  # a zero bound holds only for the zero map
         return not bool(a.any())
+    # scale A and the bound by the same power of two (exact) so that squares neither overflow nor underflow
+    top = float(a.abs().max())
+    if top == 0.0:
+        return True
+    k = -math.frexp(max(top, bound))[1]
+    a, bound = a * math.ldexp(1.0, k), math.ldexp(bound, k)
+    if bound * bound == 0.0 or not math.isfinite(bound * bound):
+        return False  # the bound is negligible against the matrix (or the matrix against the bound)
     rows, cols = a.shape[-2], a.shape[-1]
     gram, inner = (a @ a.mH, cols) if rows <= cols else (a.mH @ a, rows)
     c2 = bound * bound * (1 - 2 * EPS)  # below the exact square

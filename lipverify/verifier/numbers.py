@@ -74,3 +74,10 @@ def at_least(claimed: float, recomputed: float, what: str) -> None:
     """The claim must not be below the upward-rounded recomputation."""
     if not claimed >= recomputed:
         fail(f"{what}: the witness gives {recomputed!r}, the certificate claims {claimed!r}")
+
+
+def only_keys(witness: dict, allowed: set[str], what: str) -> None:
+    """A witness holds exactly what its checker verifies: anything else is refused (not silently ignored)."""
+    extra = set(witness) - allowed
+    if extra:
+        fail(f"{what}: the witness has entries the verifier does not check: {sorted(extra)}")

@@ -32,7 +32,7 @@ from lipverify.ops.shape import Pad, Reshape, Slice, Transpose
 from lipverify.verifier.conv import conv_norm_at_most
 from lipverify.verifier.factors import factor_holds, label, merge_bound
 from lipverify.verifier.linalg import norm_at_most
-from lipverify.verifier.numbers import EPS, add_up, at_least, claim, claim_vector, fail, mul_up, sqrt_up, up
+from lipverify.verifier.numbers import EPS, add_up, at_least, claim, claim_vector, fail, mul_up, only_keys, sqrt_up, up
 
 # ----------------------------------------------------------------------------------------------
 # rslmi
@@ -80,6 +80,7 @@ def _block_matrix(graph: Graph, merge: Node, skip: str, chain: list[str]) -> tor
 
 
 def verify_rslmi(graph: Graph, value: float, witness: dict) -> str:
+    only_keys(witness, {"tau", "blocks"}, "rslmi")
     taus = witness.get("tau")
     blocks = witness.get("blocks", {})
     if not isinstance(taus, dict) or not isinstance(blocks, dict):
@@ -99,6 +100,7 @@ def verify_rslmi(graph: Graph, value: float, witness: dict) -> str:
     for name, blk in blocks.items():
         if name not in {n.name for n in graph.nodes} or not isinstance(blk, dict):
             fail(f"rslmi: residual block {name!r} is not a merge of the graph")
+        only_keys(blk, {"skip", "chain", "factor"}, f"rslmi block {name}")
         merge = graph.node(name)
         chain = _linear_branch(graph, merge, blk.get("skip"), blk.get("chain"))
         factor = claim(blk.get("factor"), f"rslmi: ||I ± L|| of the block at {name}")
@@ -117,7 +119,7 @@ def verify_rslmi(graph: Graph, value: float, witness: dict) -> str:
         else:
             bound[node.name] = mul_up(factors[node.name], bound[node.inputs[0]])
     at_least(value, bound[graph.output], "rslmi")
-    return (f"{len(factors)} certified tau_k re-checked (Cholesky / per-frequency Cholesky), {len(checked_blocks)} "
+    return bound[graph.output], (f"{len(factors)} certified tau_k re-checked (Cholesky / per-frequency Cholesky), {len(checked_blocks)} "
             "residual block(s) by Cholesky, propagation recomputed rounding up; sketched tau_hat not used")
 
 
@@ -137,41 +139,45 @@ def _rebuild_scalings(graph: Graph, witness: dict) -> dict[str, torch.Tensor]:
             fail(f"layerwise: scaling class {key!r} is not an integer")
         vectors[k] = claim_vector(values, f"layerwise: scaling class {key}", positive=True)
     full: dict[str, torch.Tensor] = {}
-    visiting: set[str] = set()
 
     def get(name: str) -> torch.Tensor:
+        """Tensors are visited in graph order, so a parent is always built before its children."""
         if name in full:
             return full[name]
-        if name not in spec or not isinstance(spec[name], dict) or name in visiting:
-            fail(f"layerwise: no (or a circular) scaling for tensor {name}")
-        visiting.add(name)
+        if name not in spec or not isinstance(spec[name], dict):
+            fail(f"layerwise: no scaling for tensor {name} (or its parent comes after it)")
         entry = spec[name]
         shape = tuple(graph.shape_of(name))
         kind = entry.get("kind")
+        only_keys(entry, {"kind", "parent"} if kind in ("same", "derived") else {"kind", "class"},
+                  f"layerwise: scaling of {name}")
         if kind == "same":
-            out = get(entry.get("parent"))
+            parent = entry.get("parent")
+            if parent not in full:
+                fail(f"layerwise: the scaling of {name} copies {parent!r}, which is not an earlier tensor")
+            out = full[parent]
         elif kind == "derived":
             node = graph.node(name)
             if node.inputs != [entry.get("parent")] or not isinstance(node.op, (Reshape, Transpose, Slice)):
                 fail(f"layerwise: scaling of {name} is derived through a node that is not a permutation/projection")
             with torch.no_grad():
-                out = node.op.apply(get(entry["parent"])[None])[0]
+                out = node.op.apply(full[entry["parent"]][None])[0]
         elif kind in ("channel", "last"):
-            try:
-                v = vectors[int(entry.get("class"))]
-            except (KeyError, TypeError, ValueError):
-                fail(f"layerwise: scaling of {name} names an unknown class")
-            size = shape[0] if kind == "channel" else shape[-1]
-            if not shape or v.numel() != size:
+            cls = entry.get("class")
+            if isinstance(cls, bool) or not isinstance(cls, int) or cls not in vectors:
+                fail(f"layerwise: scaling of {name} names an unknown class {cls!r}")
+            v = vectors[cls]
+            size = (shape[0] if kind == "channel" else shape[-1]) if shape else 1
+            if v.numel() != size:
                 fail(f"layerwise: scaling class of {name} has {v.numel()} entries for {size}")
-            view = (-1,) + (1,) * (len(shape) - 1) if kind == "channel" else (1,) * (len(shape) - 1) + (-1,)
+            view = () if not shape else (-1,) + (1,) * (len(shape) - 1) if kind == "channel" else \
+                (1,) * (len(shape) - 1) + (-1,)
             out = v.reshape(view).expand(shape).contiguous()
         else:
             fail(f"layerwise: unknown scaling kind {kind!r} for {name}")
         if tuple(out.shape) != shape:
             fail(f"layerwise: scaling of {name} has shape {tuple(out.shape)}, the tensor has {shape}")
         full[name] = out
-        visiting.discard(name)
         return out
 
     for name in [graph.input_name] + [n.name for n in graph.nodes]:
@@ -191,6 +197,15 @@ def _per_channel(s: torch.Tensor) -> torch.Tensor | None:
     return flat[:, 0] if bool((flat == flat[:, :1]).all()) else None
 
 
+def _features(s: torch.Tensor) -> torch.Tensor | None:
+    """The per-feature vector of a scaling that is constant along every axis but the last (the axis a
+    Dense acts on), else None. Then S (I ⊗ W) S'^-1 = I ⊗ (diag(s) W diag(1/s'))."""
+    if s.dim() <= 1:
+        return s
+    flat = s.reshape(-1, s.shape[-1])
+    return flat[0] if bool((flat == flat[:1]).all()) else None
+
+
 def _max_ratio(num: torch.Tensor, den: torch.Tensor) -> float:
     """An upper bound on max(num / den) (entrywise), rounded up."""
     return up(up(float((num / den).max())) * (1 + 2 * EPS))
@@ -204,8 +219,9 @@ def _coarse(s_t: torch.Tensor, s_u: torch.Tensor) -> float:
 def _check_node(graph: Graph, node: Node, s_u: torch.Tensor, s_t: torch.Tensor, claimed: float) -> str:
     """Re-check ||S_t (n(x) - n(y))|| <= claimed ||S_u (x - y)||; returns the rule that passed."""
     op, in_shape = node.op, tuple(graph.in_shape(node))
-    if isinstance(op, Dense) and s_u.dim() == 1 and s_t.dim() == 1:
-        a = s_t[:, None] * op.weight.to(torch.float64) / s_u[None, :]
+    fu, ft = (_features(s_u), _features(s_t)) if isinstance(op, Dense) else (None, None)
+    if fu is not None and ft is not None:
+        a = ft[:, None] * op.weight.to(torch.float64) / fu[None, :]
         # the rescaling rounds each entry by <= 2 eps relative: ||dA|| <= 2 eps ||A||_F
         err = 3 * EPS * float(torch.linalg.matrix_norm(a, ord="fro"))
         if norm_at_most(a, claimed - err):
@@ -253,6 +269,9 @@ def _check_run(graph: Graph, names: list[str], full: dict[str, torch.Tensor]) ->
     for name in names:
         if name not in {n.name for n in graph.nodes} or not isinstance(graph.node(name).op, Dense):
             fail(f"layerwise: loop run {names}: {name} is not a dense node")
+        if _features(full[name]) is None or _features(full[graph.node(name).inputs[0]]) is None:
+            fail(f"layerwise: loop run {names}: the scalings around {name} vary along the axes the dense map "
+                 "does not act on")
     for prev_name, name in zip(names[:-1], names[1:]):
         node = graph.node(name)
         cur, act = node.inputs[0], None
@@ -303,6 +322,7 @@ def _loop_recursion(slopes, norms, p_before, p_in) -> float:
 
 
 def verify_layerwise(graph: Graph, value: float, witness: dict) -> str:
+    only_keys(witness, {"scalings", "tensors", "factors", "loops"}, "layerwise")
     full = _rebuild_scalings(graph, witness)
     factors, loops = witness.get("factors"), witness.get("loops", {})
     if not isinstance(factors, dict) or not isinstance(loops, dict):
@@ -330,6 +350,8 @@ def verify_layerwise(graph: Graph, value: float, witness: dict) -> str:
         if node.name in loops:
             entry = loops[node.name]
             names = entry.get("run") if isinstance(entry, dict) else None
+            if isinstance(entry, dict):
+                only_keys(entry, {"run", "norms"}, f"layerwise loop at {node.name}")
             if not isinstance(names, list) or len(names) < 2 or names[-1] != node.name:
                 fail(f"layerwise: the loop run for {node.name} is malformed or does not end there")
             slopes = _check_run(graph, names, full)
@@ -338,12 +360,12 @@ def verify_layerwise(graph: Graph, value: float, witness: dict) -> str:
                 fail(f"layerwise: loop run for {node.name}: norms do not match the run")
             norms = [claim(x, f"layerwise: loop norm {k} at {node.name}") for k, x in enumerate(raw)]
             weights = [graph.node(n).op.weight.to(torch.float64) for n in names]
-            s_j = full[node.name]
+            s_j = _features(full[node.name])
             for k in range(len(names)):
                 prod = weights[-1]
                 for wk in reversed(weights[k:-1]):
                     prod = prod @ wk
-                s_in = full[graph.node(names[k]).inputs[0]]
+                s_in = _features(full[graph.node(names[k]).inputs[0]])
                 m = s_j[:, None] * prod / s_in[None, :]
                 err = _product_error(s_j, s_in, weights[k:]) + 3 * EPS * float(torch.linalg.matrix_norm(m, ord="fro"))
                 if not norm_at_most(m, norms[k] - err):
@@ -354,5 +376,5 @@ def verify_layerwise(graph: Graph, value: float, witness: dict) -> str:
             rules["loop"] = rules.get("loop", 0) + 1
     at_least(value, bound[graph.output], "layerwise")
     summary = ", ".join(f"{k}: {v}" for k, v in sorted(rules.items()))
-    return (f"scalings rebuilt (positive, I at input/output); each scaled factor re-checked ({summary}) by "
+    return bound[graph.output], (f"scalings rebuilt (positive, I at input/output); each scaled factor re-checked ({summary}) by "
             "Cholesky / per-frequency Cholesky / closed forms; propagation recomputed rounding up")

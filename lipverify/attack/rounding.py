@@ -1,0 +1,83 @@
+"""How far the file's float32 outputs can be from the exact function the certificate is about.
+
+The file computes in float32, so f32(x) = f(x) + e(x) with a rounding error e. A reported lower bound
+must hold for the exact f:
+
+    ||f(x) - f(y)|| >= ||f32(x) - f32(y)|| - ||e(x)|| - ||e(y)||,
+
+so we report (||f32(x) - f32(y)|| - t(x) - t(y)) / ||x - y|| with t(x) >= ||e(x)||_2, per output:
+
+    t_j(x) = min(A_j(x), MEASURED * |f32_j(x) - g_j(x)| + RELATIVE * eps32 * |f32_j(x)|).
+
+- A_j = TOL_FACTOR * eps32 * M_j(x) is an a-priori bound: M_j sums the magnitudes of the terms that
+  make up output j (the graph run on |weights| and |x|), the self-check's rule. It holds whatever the
+  graph's values are (only magnitudes are taken from it), but compounds layer by layer and is far
+  too loose for deep networks (1e5 on a 9-layer MLP whose outputs are ~10).
+- The second term measures e(x) against the extracted graph g in float64. Where the graph is the
+  file's function (the self-check's promise) it is e(x) itself up to g's own float64 rounding, which
+  comes from the same operations 2^29 times finer; the factor 2 and the relative term cover it. (An
+  eps64 * M_j term would compound like A_j: 1e5 on a random 17-layer MLP whose outputs move by 1e-4.) Where the graph is wrong at x, |f32 - g| is large and the min
+  falls back on A_j, so a point where the file is steeper than the graph still gets a small, valid
+  allowance and the file's own steepness is what the quotient measures.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import torch
+
+from lipverify.graph.ir import Graph
+
+EPS32 = float(np.finfo(np.float32).eps)
+TOL_FACTOR = 64.0  # the self-check's factor (a passing self-check sees less than a fifth of it)
+MEASURED = 2.0
+RELATIVE = 8.0
+FLOOR = 1e-30  # outputs that are exactly representable still get a nonzero allowance
+
+
+def _abs_graph(graph: Graph) -> Graph:
+    """A copy of the graph with every floating weight replaced by its absolute value (and Sub by Add)."""
+    from lipverify.ops.merge import Add
+
+    g = copy.deepcopy(graph)
+    for n in g.nodes:
+        if getattr(n.op, "kind", "") == "Sub":
+            n.op = Add()
+            continue
+        for name, value in vars(n.op).items():
+            if isinstance(value, torch.Tensor) and value.is_floating_point():
+                setattr(n.op, name, value.abs())
+    return g
+
+
+class OutputTolerance:
+    """t(x) >= ||f32(x) - f(x)||_2 per sample, for inputs x exactly as the file sees them (float32).
+
+    M(x) comes from the self-check's op-by-op rule (``graph.check.magnitudes``) where the graph
+    package has it, and otherwise from the graph run with absolute weights on |x| (the same bound for
+    the ops of a dense, convolutional or residual network: linear maps, nonnegative pooling, monotone
+    activations). ``graph`` must have the outputs the file model returns (one selected logit or all)."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        try:
+            from lipverify.graph.check import magnitudes as op_magnitudes  # type: ignore[attr-defined]
+        except ImportError:
+            abs_graph = _abs_graph(graph)
+            self._magnitudes = lambda x: abs_graph.forward(x.abs())
+        else:
+            self._magnitudes = lambda x: op_magnitudes(graph, x)
+
+    def __call__(self, x: np.ndarray, f32: np.ndarray) -> np.ndarray:
+        """t per sample (shape (n,)) for inputs x exactly as the file saw them and its outputs f32 there."""
+        xt = torch.from_numpy(np.asarray(x, dtype=np.float32).astype(np.float64))
+        with torch.no_grad():
+            m = self._magnitudes(xt).reshape(len(xt), -1).numpy()
+            g = self.graph.forward(xt).reshape(len(xt), -1).numpy()
+        f32 = np.asarray(f32, dtype=np.float64).reshape(len(xt), -1)
+        a_priori = TOL_FACTOR * EPS32 * m
+        measured = MEASURED * np.abs(f32 - g) + RELATIVE * EPS32 * np.abs(f32)
+        per_output = np.minimum(a_priori, np.nan_to_num(measured, nan=np.inf)) + FLOOR
+        return np.sqrt((per_output ** 2).sum(axis=1))

@@ -1,0 +1,317 @@
+"""``lipverify check CERT MODEL [--data FILE]``: re-verify a certificate file against a model file.
+
+An auditor's command. Nothing in the certificate is trusted except as a claim to be checked:
+
+1. the model file's sha256 (and its external data files) must match;
+2. the graph is re-extracted from the file and self-checked against the file's own runtime;
+3. every method's witness is re-checked by this package's checkers (float64 Cholesky and closed
+   forms; no solver, no randomness), and each method's value must be the bound its witness implies;
+4. the headline ``certified_bound`` must be the smallest verified value, the reported ``method`` the one
+   that gave it, ``bounds`` and ``ratio`` consistent, the lower bound not above it, and every gate's
+   verdict recomputed;
+5. results on data (certified accuracy, radii, their gates) are recomputed from the data file (its
+   sha256 must match): margins from the model file, every pairwise bound's witness re-checked. Without
+   ``--data`` they are reported as not verified and the check fails, unless ``--ignore-data``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+
+from lipverify.errors import SoundnessError, UserInputError
+
+SUPPORTED_SCHEMAS = {"1.1"}
+IMPLIED_REL = 1e-9  # a method's value must equal the bound its witness implies to this relative precision
+
+
+class CertificateInvalid(Exception):
+    """The certificate does not hold for this model file, or claims what was not verified (exit 1)."""
+
+
+@dataclass
+class CheckReport:
+    steps: list[tuple[str, str]] = field(default_factory=list)  # (step, outcome)
+    unverified: list[str] = field(default_factory=list)  # claims that were not checked (--ignore-data)
+    informational: list[str] = field(default_factory=list)  # entries describing the run, not verified
+
+    def passed(self, step: str, detail: str = "ok") -> None:
+        self.steps.append((step, detail))
+
+
+def _number(value, what: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(float(value)):
+        raise CertificateInvalid(f"{what} = {value!r} is not a finite number")
+    return float(value)
+
+
+def read_certificate(path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise UserInputError(f"{path}: no such certificate file")
+    try:
+        cert = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise UserInputError(f"{path}: not a JSON certificate ({type(exc).__name__})")
+    except OSError as exc:
+        raise UserInputError(f"{path}: cannot read it ({exc.strerror or exc})")
+    if not isinstance(cert, dict):
+        raise UserInputError(f"{path}: not a certificate (expected a JSON object)")
+    version = cert.get("schema_version")
+    if not isinstance(version, str) or version not in SUPPORTED_SCHEMAS:
+        raise UserInputError(f"{path}: schema_version {version!r} is not checkable (need one of "
+                             f"{sorted(SUPPORTED_SCHEMAS)}; re-certify with this lipverify)")
+    expected = {"model": dict, "certified_bound": (int, float), "methods": dict, "method": str}
+    for key, kind in expected.items():
+        if not isinstance(cert.get(key), kind) or isinstance(cert.get(key), bool):
+            raise UserInputError(f"{path}: the certificate's {key!r} entry is missing or of the wrong type")
+    if not cert["methods"] or not all(isinstance(v, dict) for v in cert["methods"].values()):
+        raise UserInputError(f"{path}: the certificate lists no methods")
+    if not isinstance(cert.get("bounds", {}), dict) or not isinstance(cert["model"].get("data_files") or {}, dict):
+        raise UserInputError(f"{path}: the certificate's bounds/data_files entries are malformed")
+    output = cert.get("output")
+    if output is not None and (not isinstance(output, int) or isinstance(output, bool)):
+        raise UserInputError(f"{path}: the certificate's 'output' entry must be an integer or null")
+    shape = cert["model"].get("input_shape")
+    if shape is not None and (not isinstance(shape, list) or not all(isinstance(d, int) and d > 0 for d in shape)):
+        raise UserInputError(f"{path}: the certificate's input_shape is malformed")
+    if "data" in cert and not isinstance(cert["data"], dict):
+        raise UserInputError(f"{path}: the certificate's data entry is malformed")
+    if not isinstance(cert.get("gates", []), list):
+        raise UserInputError(f"{path}: the certificate's gates entry is malformed")
+    return cert
+
+
+def _verify_entry(graph, name: str, entry: dict) -> tuple[float, str]:
+    """(value, what passed) for one method entry; CertificateInvalid unless its witness implies its value."""
+    from lipverify.verifier import verify_implied
+
+    value = _number(entry.get("value"), f"method {name}: value")
+    witness = entry.get("witness")
+    if not isinstance(witness, dict):
+        raise CertificateInvalid(f"method {name}: no witness in the certificate")
+    try:
+        implied, detail = verify_implied(graph, SimpleNamespace(method=name, value=value, witness=witness))
+    except SoundnessError as exc:
+        raise CertificateInvalid(f"method {name}: {exc}")
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as exc:
+        raise CertificateInvalid(f"method {name}: malformed witness ({type(exc).__name__}: {exc})")
+    if implied is not None and value > implied * (1 + IMPLIED_REL) + 1e-300:
+        raise CertificateInvalid(f"method {name}: claims {value!r} but its witness implies {implied!r}")
+    return value, detail
+
+
+def check_certificate(cert_path, model_path, input_shape=None, spec=None, activation="relu", factory=None,
+                      data_path=None, ignore_data: bool = False) -> CheckReport:
+    """Raise CertificateInvalid when the certificate does not hold; UserInputError for bad input."""
+    from lipverify.graph.build import build_graph
+    from lipverify.graph.transform import select_output
+    from lipverify.load import load_model
+    from lipverify.load.model import sha256_file
+
+    cert = read_certificate(cert_path)
+    report = CheckReport()
+    model_path = Path(model_path)
+    if not model_path.is_file():
+        raise UserInputError(f"{model_path}: no such model file")
+    if data_path is not None and "data" not in cert:
+        raise UserInputError("--data given but the certificate claims no results on data")
+    if cert.get("output") is not None and "data" in cert:
+        raise CertificateInvalid("the certificate bounds one output only (output "
+                                 f"{cert['output']}) but claims radii, which need the whole logit map")
+
+    digest = sha256_file(model_path)
+    if digest != cert["model"].get("sha256"):
+        raise CertificateInvalid(f"file hash mismatch: the certificate is for sha256 {cert['model'].get('sha256')}, "
+                                 f"{model_path} has {digest}")
+    for name, expected in (cert["model"].get("data_files") or {}).items():
+        data = model_path.parent / str(name)
+        if not data.is_file() or sha256_file(data) != expected:
+            raise CertificateInvalid(f"external data file {name} does not match the certificate")
+    report.passed("model file sha256", digest[:16] + "…")
+
+    shape = input_shape or tuple(cert["model"].get("input_shape") or ()) or None
+    loaded = load_model(model_path, shape, spec, activation, factory)
+    graph, check = build_graph(loaded)
+    report.passed("graph re-extracted and self-checked",
+                  f"max |graph - model| = {check['max_abs_diff']:.2g} on {check['samples']} probe inputs")
+    full_graph = graph
+    if cert.get("output") is not None:
+        graph = select_output(graph, int(cert["output"]))
+
+    verified: dict[str, float] = {}
+    for name, entry in cert["methods"].items():
+        value, detail = _verify_entry(graph, name, entry)
+        claimed = cert.get("bounds", {}).get(name, value)
+        if claimed != value:
+            raise CertificateInvalid(f"method {name}: bounds[{name}] = {claimed!r} differs from its entry {value!r}")
+        verified[name] = value
+        report.passed(f"method {name}: bound {value:.6g}", detail)
+    if set(cert.get("bounds", {})) - set(verified):
+        raise CertificateInvalid(f"bounds lists methods without a witness: {sorted(set(cert['bounds']) - set(verified))}")
+
+    headline = _number(cert["certified_bound"], "certified_bound")
+    best = min(verified, key=verified.get)
+    if cert["method"] not in verified or headline != verified[cert["method"]] or headline != verified[best]:
+        raise CertificateInvalid(f"certified_bound {headline!r} (method {cert['method']!r}) is not the smallest "
+                                 f"verified value ({verified[best]!r}, method {best!r})")
+    what = f"of output {cert['output']} only" if cert.get("output") is not None else "of the whole output"
+    report.passed("certified_bound", f"{headline:.6g} = the smallest verified bound ({cert['method']}), {what}")
+    _check_lower(cert, headline, report)
+    data_ok = _check_data(cert, full_graph, loaded, data_path, ignore_data, report)
+    _check_gates(cert, headline, data_ok, report)
+    report.informational = [k for k in INFORMATIONAL if k.split("[")[0].split(".")[0] in cert]
+    return report
+
+
+def _check_lower(cert: dict, headline: float, report: CheckReport) -> None:
+    lower = cert.get("lower_bound")
+    if lower is None:
+        return
+    lower = _number(lower, "lower_bound")
+    if lower < 0 or lower > headline:
+        raise CertificateInvalid(f"the certificate's lower bound {lower!r} is negative or exceeds its certified "
+                                 f"bound {headline!r}")
+    ratio = cert.get("ratio")
+    if ratio is not None and headline > 0 and abs(_number(ratio, "ratio") - lower / headline) > 1e-12:
+        raise CertificateInvalid(f"ratio {ratio!r} is not lower_bound / certified_bound")
+
+
+def _check_gates(cert: dict, headline: float, data_ok: bool, report: CheckReport) -> None:
+    for gate in cert.get("gates", []):
+        if not isinstance(gate, dict) or not isinstance(gate.get("name"), str):
+            raise CertificateInvalid("a gate entry is malformed")
+        name = gate["name"]
+        threshold, value = _number(gate.get("threshold"), f"gate {name}: threshold"), _number(
+            gate.get("value"), f"gate {name}: value")
+        if name == "max-L":
+            if value != headline or bool(gate.get("passed")) != (value <= threshold):
+                raise CertificateInvalid(f"gate {name}: its value or verdict does not follow from the certified bound")
+        elif name.startswith("min-certified-acc@"):
+            acc = (cert.get("data") or {}).get("certified_accuracy", {}).get(name.split("@", 1)[1])
+            if acc is None or value != acc or bool(gate.get("passed")) != (value >= threshold):
+                raise CertificateInvalid(f"gate {name}: its value or verdict does not follow from the data results")
+            if not data_ok:
+                continue
+        else:
+            raise CertificateInvalid(f"unknown gate {name!r}")
+        report.passed(f"gate {name}", f"{'passed' if gate.get('passed') else 'failed'} (recomputed)")
+
+
+def _data_spec(claimed: dict, data_path):
+    """How the certificate says the data were read, validated field by field."""
+    from lipverify.data import DataSpec
+
+    options = claimed.get("spec")
+    if not isinstance(options, dict):
+        raise CertificateInvalid("data: the entry saying how the data were read (spec) is missing or malformed")
+    kinds = {"x_key": str, "y_key": str, "label_column": str, "transform": (str, type(None)),
+             "limit": (int, type(None)), "seed": int, "batch_size": int}
+    if set(options) - set(kinds):
+        raise CertificateInvalid(f"data: unknown spec entries {sorted(set(options) - set(kinds))}")
+    for key, kind in kinds.items():
+        v = options.get(key)
+        if key in options and (isinstance(v, bool) or not isinstance(v, kind)):
+            raise CertificateInvalid(f"data: spec.{key} = {v!r} is malformed")
+    if (options.get("limit") is not None and options["limit"] < 1) or options.get("seed", 0) < 0 or \
+            options.get("batch_size", 1) < 1:
+        raise CertificateInvalid("data: spec.limit, seed or batch_size out of range")
+    return DataSpec(path=str(data_path), **options)
+
+
+# Parts of a certificate that describe the run but are not numbers about the model: `check` lists them as
+# not verified instead of calling them valid.
+INFORMATIONAL = ("timings", "versions", "self_check", "notes", "verification", "device", "method_reason",
+                 "methods[*].seconds", "methods[*].check", "methods[*].info", "methods[*].layers", "layers (per-layer table)",
+                 "data.pgd_check", "data.seconds", "data.pairwise_methods")
+
+
+def _check_data(cert: dict, graph, loaded, data_path, ignore_data: bool, report: CheckReport) -> bool:
+    """Recompute the results on data; True when they were verified."""
+    claimed = cert.get("data")
+    if claimed is None:
+        return True
+    if data_path is None:
+        if ignore_data:
+            report.unverified.append("results on data (certified accuracy, radii, their gates)")
+            return False
+        raise CertificateInvalid("the certificate claims results on data (certified accuracy, radii) that were not "
+                                 "verified: pass --data FILE (the same data) to recompute them, or --ignore-data")
+    from lipverify.data import DataSpec, data_sha256, iter_batches, sample_indices
+    from lipverify.graph.transform import output_dim, pairwise_difference
+    from lipverify.radii import LOGIT_REL_TOL, compute_radii, model_logits, summarize
+
+    if data_sha256(data_path) != claimed.get("sha256"):
+        raise CertificateInvalid(f"the data file {data_path} is not the one the certificate was made with (sha256)")
+    spec = _data_spec(claimed, data_path)
+    eps = claimed.get("eps")
+    if not isinstance(eps, list) or not eps:
+        raise CertificateInvalid("data: the radii (eps) are missing or malformed")
+    eps = [_number(e, "eps") for e in eps]
+    report.passed("data file", f"sha256 matches; read with x_key={spec.x_key!r}, y_key={spec.y_key!r}, "
+                  f"label_column={spec.label_column!r}, transform={spec.transform!r}, limit={spec.limit}, "
+                  f"seed={spec.seed} (as the certificate says: check these are the data you mean)")
+    L_global = _number(claimed.get("L_global"), "data: L_global")
+    if L_global != cert["certified_bound"]:
+        raise CertificateInvalid("data: the global bound used for the radii is not the certified bound")
+    c = output_dim(graph)
+    L_pair = None
+    if claimed.get("L_pairwise") is not None:
+        certs = claimed.get("pairwise_certificates")
+        if not isinstance(certs, dict):
+            raise CertificateInvalid("data: pairwise bounds are claimed without their certificates")
+        rows = claimed["L_pairwise"]
+        if not isinstance(rows, list) or len(rows) != c or not all(isinstance(r, list) and len(r) == c for r in rows):
+            raise CertificateInvalid(f"data: L_pairwise must be a {c} x {c} matrix")
+        L_pair = np.full((c, c), np.inf)
+        np.fill_diagonal(L_pair, 0.0)
+        for i in range(c):
+            for j in range(i + 1, c):
+                entry = certs.get(f"{i},{j}")
+                if not isinstance(entry, dict) or not isinstance(entry.get("method"), str):
+                    raise CertificateInvalid(f"data: no certificate for the class pair ({i}, {j})")
+                value, _ = _verify_entry(pairwise_difference(graph, i, j), entry["method"], entry)
+                if rows[i][j] != value or rows[j][i] != value:
+                    raise CertificateInvalid(f"data: L_pairwise[{i}][{j}] differs from its verified certificate")
+                L_pair[i, j] = L_pair[j, i] = value
+        report.passed("pairwise bounds", f"{c * (c - 1) // 2} class-pair certificates re-checked")
+    xs, ys, logits = [], [], []
+    for x, y in iter_batches(spec, tuple(graph.input_shape)):
+        logits.append(model_logits(loaded.reference, x.numpy()))
+        ys.append(y.numpy())
+    if not ys:
+        raise CertificateInvalid("data: the data file holds no samples")
+    f, labels = np.concatenate(logits), np.concatenate(ys)
+    tol = LOGIT_REL_TOL * (1.0 + float(np.abs(f).max()))
+    result = compute_radii(f, labels, L_global, L_pair, eps, index=sample_indices(spec), logit_tol=tol)
+    mine = summarize(result, eps)
+    if claimed.get("logit_tolerance") != tol:
+        raise CertificateInvalid(f"data: logit tolerance {claimed.get('logit_tolerance')!r}, recomputed {tol!r}")
+    if claimed.get("curve") != mine["curve"]:
+        raise CertificateInvalid("data: the certified-accuracy curve differs from the recomputed one")
+    if claimed.get("form") != mine["form"]:
+        raise CertificateInvalid(f"data: radius form {claimed.get('form')!r}, recomputed {mine['form']!r}")
+    for key in ("n", "n_ties", "n_misclassified"):
+        if claimed.get(key) != mine[key]:
+            raise CertificateInvalid(f"data: {key} = {claimed.get(key)!r}, recomputed {mine[key]!r}")
+    if _number(claimed.get("clean_accuracy"), "data: clean_accuracy") != mine["clean_accuracy"]:
+        raise CertificateInvalid(f"data: clean accuracy {claimed.get('clean_accuracy')!r}, recomputed "
+                                 f"{mine['clean_accuracy']!r}")
+    claimed_acc = claimed.get("certified_accuracy") or {}
+    if set(claimed_acc) != set(mine["certified_accuracy"]):
+        raise CertificateInvalid("data: certified accuracies are claimed at other radii than the data entry's eps")
+    for key, value in claimed_acc.items():
+        if _number(value, f"data: certified accuracy at {key}") > mine["certified_accuracy"][key]:
+            raise CertificateInvalid(f"data: certified accuracy at eps {key} is claimed as {value!r}, verified "
+                                     f"{mine['certified_accuracy'][key]!r}")
+    if claimed.get("radius_quantiles") != mine["radius_quantiles"]:
+        raise CertificateInvalid(f"data: radius quantiles {claimed.get('radius_quantiles')!r}, recomputed "
+                                 f"{mine['radius_quantiles']!r}")
+    report.passed("results on data", f"{mine['n']} samples: clean accuracy and certified accuracy at "
+                  f"{', '.join(claimed_acc)} recomputed from the model file ({mine['form']} radii)")
+    return True
