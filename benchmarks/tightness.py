@@ -111,7 +111,7 @@ def worker(path: str, method: str, options: dict) -> dict:
             "notes": result.notes}
 
 
-def lower_worker(path: str, budget: float) -> dict:
+def lower_worker(path: str, budget: float, effort: float) -> dict:
     torch.set_num_threads(int(os.environ.get("LIPVERIFY_THREADS", "1")))
     from lipverify.attack import lower_bound
     from lipverify.certify import build_graph
@@ -120,7 +120,7 @@ def lower_worker(path: str, budget: float) -> dict:
     loaded = load_model(path)
     graph, _ = build_graph(loaded)
     t = time.perf_counter()
-    lb = lower_bound(loaded, graph, seed=0, budget_s=budget)
+    lb = lower_bound(loaded, graph, seed=0, effort=effort, budget_s=budget)
     return {"lower": lb.value, "lower_s": time.perf_counter() - t}
 
 
@@ -143,6 +143,7 @@ def main() -> None:
     p.add_argument("--folder", type=Path, default=None, help="where generated .onnx files go (default: temp)")
     p.add_argument("--options", default="{}", help="JSON method options, e.g. '{\"lipsdp_graph_unroll_max\": 0}'")
     p.add_argument("--lower-budget", type=float, default=20.0)
+    p.add_argument("--lower-effort", type=float, default=1.0, help="lower-bound effort (1 = certify's default)")
     p.add_argument("--timeout", type=float, default=3600.0)
     p.add_argument("--json", type=Path, default=None)
     p.add_argument("--worker", nargs=2, metavar=("ONNX", "METHOD"), help=argparse.SUPPRESS)
@@ -153,7 +154,7 @@ def main() -> None:
         print(json.dumps(worker(args.worker[0], args.worker[1], options)))
         return
     if args.lower_worker:
-        print(json.dumps(lower_worker(args.lower_worker, args.lower_budget)))
+        print(json.dumps(lower_worker(args.lower_worker, args.lower_budget, args.lower_effort)))
         return
     folder = args.folder or Path(tempfile.mkdtemp(prefix="lipverify-tight-"))
     folder.mkdir(parents=True, exist_ok=True)
@@ -163,7 +164,10 @@ def main() -> None:
         if path is None:
             print(f"{name}: not available (external data absent), skipped", flush=True)
             continue
-        low = _sub(["--lower-worker", str(path), "--lower-budget", str(args.lower_budget)], args.timeout)
+        low = _sub(["--lower-worker", str(path), "--lower-budget", str(args.lower_budget),
+                    "--lower-effort", str(args.lower_effort)], args.timeout)
+        if "error" in low:
+            print(name, "lower bound:", low["error"], flush=True)
         row = {"model": name, "lower": low.get("lower"), "methods": {}}
         for method in args.methods:
             r = _sub(["--worker", str(path), method, "--options", args.options], args.timeout)

@@ -389,3 +389,27 @@ def test_spent_budget_keeps_layerwise_and_says_so():
     assert verify(g, r)
     assert [s["kind"] for s in r.witness["segments"]][0] == "layerwise"
     assert any(c.startswith("lipsdp-graph: 1 run(s) kept the layerwise factor") for c in ctx.time_budget.cuts)
+
+
+def test_auto_and_pairs_size_rules():
+    from conftest import FIXTURES
+    from lipverify.certify import build_graph
+    from lipverify.load import load_model
+
+    method = METHODS["lipsdp-graph"]
+    cnn, _ = build_graph(load_model(FIXTURES / "cnn_bn.onnx"))
+    res, _ = build_graph(load_model(FIXTURES / "resmlp.onnx"))
+    assert method.fits_auto(cnn) and not method.fits_pairs(cnn, 45)  # pairs fall back to layerwise
+    assert method.fits_auto(res) and method.fits_pairs(res, 45)
+    assert method.pair_fallback == "layerwise"
+    # an FC-R18-shaped block LMI (1872 coordinates) is beyond auto's size rule
+    gen = torch.Generator().manual_seed(0)
+    dense = lambda o, i: Dense(torch.randn((o, i), generator=gen, dtype=torch.float64) * 0.1)  # noqa: E731
+    steps = [(Reshape((784,)), None), (dense(64, 784), None), (ReLU(), None)]
+    for b in range(8):
+        x = f"t{len(steps) - 1}"
+        steps += [(dense(64, 64), None), (ReLU(), None), (dense(64, 64), None), (Add(), [x, f"t{len(steps) + 2}"]),
+                  (ReLU(), None)]
+    steps.append((dense(10, 64), None))
+    fcr18 = _graph((1, 28, 28), steps)
+    assert not method.fits_auto(fcr18)
