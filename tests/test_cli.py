@@ -16,7 +16,7 @@ from conftest import FIXTURES, export_onnx
 from lipverify.cli import app
 
 runner = CliRunner()
-FAST = ["--lower-starts", "4", "--lower-budget-s", "2"]
+FAST = ["--lower-starts", "4", "--lower-effort", "0.25"]  # a small deterministic lower-bound search
 REQUIRED_KEYS = {"schema_version", "model", "method", "certified_bound", "lower_bound", "bounds", "layers",
                  "timings", "versions"}
 

@@ -25,5 +25,6 @@ from lipverify.bounds import product  # noqa: E402,F401
 from lipverify.bounds import lipsdp  # noqa: E402,F401
 from lipverify.bounds import layerwise, rslmi  # noqa: E402,F401
 from lipverify.bounds import compositional  # noqa: E402,F401
+from lipverify.bounds import lipsdp_graph  # noqa: E402,F401
 
 __all__ = ["BoundContext", "BoundMethod", "BoundResult", "LayerBound", "METHODS", "register", "get_method"]

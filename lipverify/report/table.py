@@ -58,7 +58,10 @@ def layer_table(cert: dict, method: str | None = None, wide: bool = True) -> Tab
         if wide:
             row.append(l.get("how", ""))
         table.add_row(*[Text(c) for c in row])
-    if method.startswith("lipsdp"):
+    if method == "lipsdp-graph":
+        table.caption = ("lipsdp-graph: one row per stage (an LMI or a layerwise stretch), its factor between the "
+                         "weighted norms at its ends")
+    elif method.startswith("lipsdp"):
         table.caption = ("LipSDP bounds the whole chain at once; these are the per-layer norms (their product is "
                          "the product bound)")
     elif cumulative and method == "layerwise":
@@ -161,7 +164,7 @@ def summary_line(cert: dict) -> str:
                 text += f"; {gate_check(g)}"
     cuts = (cert.get("run") or {}).get("cut_by_budget") or []
     if cuts:
-        text += f"; {len(cuts)} cut(s) by --budget-s (see the JSON run.cut_by_budget)"
+        text += f"; {len(cuts)} cut(s) by a time budget (see the JSON run.cut_by_budget)"
     return text
 
 

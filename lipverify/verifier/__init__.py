@@ -12,7 +12,8 @@ every rule it uses. What it trusts:
 
 Modules: ``numbers`` (claimed numbers, upward rounding), ``linalg`` (rigorous Cholesky proofs of
 PSD and norm bounds), ``conv`` (convolution norms: unrolled or per frequency), ``factors`` (per-op
-rules and propagation), one checker per method (``product``, ``lipsdp``, ``compositional``, ``scaled``), and
+rules and propagation), one checker per method (``product``, ``lipsdp``, ``compositional``, ``scaled``,
+``lipsdp_graph`` with ``sdp_graph``), and
 ``certificate`` (``lipverify check``: a certificate file against a model file).
 """
 
@@ -25,6 +26,7 @@ from lipverify.errors import SoundnessError
 from lipverify.graph.ir import Graph
 from lipverify.verifier.compositional import verify_compositional
 from lipverify.verifier.lipsdp import verify_lipsdp
+from lipverify.verifier.lipsdp_graph import verify_lipsdp_graph
 from lipverify.verifier.product import verify_product
 from lipverify.verifier.scaled import verify_layerwise, verify_rslmi
 
@@ -37,6 +39,7 @@ CHECKERS: dict[str, Callable[[Graph, float, dict], tuple[float, str]]] = {
     "rslmi": verify_rslmi,
     "layerwise": verify_layerwise,
     "compositional": verify_compositional,
+    "lipsdp-graph": verify_lipsdp_graph,
 }
 
 

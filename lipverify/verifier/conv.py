@@ -18,6 +18,7 @@ the user's model) and checked by ``norm_at_most``. Large ones by three exact ste
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import torch
@@ -123,3 +124,58 @@ def conv_norm_at_most(weight, in_shape, stride, pads, dilation, groups, bound, a
         if not norm_at_most(sym.reshape((-1,) + sym.shape[-2:]), target):
             return False
     return True
+
+
+# ----------------------------------------------------------------------------------------------
+# Convolutions between polyphase representations (used by the per-frequency LipSDP checks)
+# ----------------------------------------------------------------------------------------------
+
+
+def dense_group_weight(weight: torch.Tensor, groups: int) -> torch.Tensor:
+    """The (O, C, *k) float64 kernel of a grouped convolution with the zero blocks written out."""
+    w = weight.to(torch.float64)
+    o, c_g = w.shape[0], w.shape[1]
+    if groups == 1:
+        return w
+    full = torch.zeros((o, c_g * groups) + tuple(w.shape[2:]), dtype=torch.float64)
+    o_g = o // groups
+    for g in range(groups):
+        full[g * o_g:(g + 1) * o_g, g * c_g:(g + 1) * c_g] = w[g * o_g:(g + 1) * o_g]
+    return full
+
+
+def coarse_kernel(weight, groups, stride, pads, dilation, p_in, p_out):
+    """A convolution as a stride-1 correlation between polyphase representations on one coarse grid.
+
+    A tensor of "phase factor" p stores fine position q at coarse index q // p, phase q % p (channel
+    index c * prod(p) + flat(phase)). With p_in = stride * p_out, output fine position
+    q = p_out Q + r_out reads input s q + d t - b = p_in Q + e, e = s r_out + d t - b, i.e. coarse
+    index Q + floor(e / p_in) at phase e mod p_in: translation by one coarse step on both sides.
+    Returns (K, lo): K of shape (O * prod(p_out), C * prod(p_in), *taps) float64 with K[..., a]
+    the tap at coarse offset lo + a (every entry is one weight: distinct taps land on distinct
+    (phase, offset) pairs).
+    """
+    w = dense_group_weight(weight, groups)
+    nd = w.dim() - 2
+    kernel = tuple(w.shape[2:])
+    begin = tuple(pads[:nd])
+    place, lo, taps = [], [], []
+    for i in range(nd):
+        s, d, b, pi, po = stride[i], dilation[i], begin[i], p_in[i], p_out[i]
+        if pi != s * po:
+            raise ValueError("phase factors must satisfy p_in = stride * p_out")
+        entries = [(ro, t, (s * ro + d * t - b) % pi, (s * ro + d * t - b) // pi)
+                   for ro in range(po) for t in range(kernel[i])]
+        a_lo = min(e[3] for e in entries)
+        lo.append(a_lo)
+        taps.append(max(e[3] for e in entries) - a_lo + 1)
+        place.append(entries)
+    o, c = w.shape[0], w.shape[1]
+    k = torch.zeros((o,) + tuple(p_out) + (c,) + tuple(p_in) + tuple(taps), dtype=torch.float64)
+    for combo in itertools.product(*place):
+        ro = tuple(e[0] for e in combo)
+        t = tuple(e[1] for e in combo)
+        ri = tuple(e[2] for e in combo)
+        a = tuple(e[3] - lo[i] for i, e in enumerate(combo))
+        k[(slice(None),) + ro + (slice(None),) + ri + a] += w[(slice(None), slice(None)) + t]
+    return k.reshape((o * math.prod(p_out), c * math.prod(p_in)) + tuple(taps)), tuple(lo)
