@@ -24,6 +24,7 @@ from lipverify.graph.build import build_graph
 from lipverify.graph.ir import Graph
 from lipverify.graph.transform import select_output
 from lipverify.load import load_model
+from lipverify.load.identity import architecture_identity
 from lipverify.progress import as_progress
 from lipverify.timebudget import TimeBudget
 from lipverify.verifier import verify
@@ -46,6 +47,7 @@ class CertifyOptions:
     spec: str | None = None
     activation: str = "relu"
     factory: str | None = None
+    graph_output: str | None = None  # the ONNX graph output to certify (--graph-output)
     device: str = "cpu"
     seed: int = 0
     max_L: float | None = None
@@ -174,7 +176,8 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
     device = resolve_device(opts.device)
 
     with progress.stage("load model"):
-        loaded = load_model(model_path, opts.input_shape, opts.spec, opts.activation, opts.factory)
+        loaded = load_model(model_path, opts.input_shape, opts.spec, opts.activation, opts.factory,
+                            opts.graph_output)
     timings["load_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -265,7 +268,8 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
         "schema_version": SCHEMA_VERSION,
         "model": {"path": str(Path(model_path)), "sha256": loaded.sha256, "format": loaded.format,
                   "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape),
-                  "data_files": loaded.data_files},
+                  "data_files": loaded.data_files, "graph_output": loaded.graph_output,
+                  "architecture": architecture_identity(loaded, opts.factory)},
         "method": best.method,
         "method_reason": why,
         "output": opts.output,
@@ -361,7 +365,8 @@ def inspect(model_path, opts: CertifyOptions | None = None) -> dict:
     opts = opts or CertifyOptions()
     from lipverify.errors import UnsupportedModelError
 
-    loaded = load_model(model_path, opts.input_shape, opts.spec, opts.activation, opts.factory)
+    loaded = load_model(model_path, opts.input_shape, opts.spec, opts.activation, opts.factory,
+                        opts.graph_output)
     try:
         graph, check = build_graph(loaded)
     except UnsupportedModelError as exc:  # still show the model and every unsupported node at once
@@ -376,7 +381,8 @@ def inspect(model_path, opts: CertifyOptions | None = None) -> dict:
         slopes = getattr(node.op, "slopes", None)
         row["slopes"] = list(slopes) if slopes is not None else None
     return {"model": {"path": str(model_path), "format": loaded.format, "sha256": loaded.sha256,
-                      "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape)},
+                      "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape),
+                      "graph_output": loaded.graph_output},
             "nodes": rows, "self_check": check, "notes": loaded.notes,
             "chain": graph.is_chain(), "supported": True,
             "methods": {n: (m.not_applicable(graph) or "applicable") for n, m in METHODS.items()},

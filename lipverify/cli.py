@@ -57,13 +57,14 @@ def _fail(exc: LipverifyError) -> None:
 
 
 def _options(method, output, input_shape, spec, activation, factory, device, seed, max_l, lower_starts,
-             budget_s=None, budget_mem=None):
+             budget_s=None, budget_mem=None, graph_output=None):
     from lipverify.certify import CertifyOptions
     from lipverify.load.model import parse_shape
 
     return CertifyOptions(method=method, output=output, input_shape=parse_shape(input_shape), spec=spec,
                           activation=activation, factory=factory, device=device, seed=seed, max_L=max_l,
-                          lower_starts=lower_starts, budget_s=budget_s, budget_mem=budget_mem)
+                          lower_starts=lower_starts, budget_s=budget_s, budget_mem=budget_mem,
+                          graph_output=graph_output)
 
 
 def _version(value: bool) -> None:
@@ -89,6 +90,7 @@ def certify(
     method: str = typer.Option("auto", "--method", "-m", help="Bound method: auto (every applicable method within auto's size rules; the tightest is reported), all, or a method name (see `lipverify methods`)."),
     fast: bool = typer.Option(False, "--fast", help="Quick mode for CI: the product bound only (global and pairwise), seconds even on large models; looser than auto."),
     output: Optional[int] = typer.Option(None, "--output", help="Bound one logit only (its index); default: the whole output."),
+    graph_output: Optional[str] = typer.Option(None, "--graph-output", help="ONNX graph output to certify (by name) when the graph has several."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the certificate as JSON to this path."),
     max_l: Optional[float] = typer.Option(None, "--max-L", help="Gate: exit 1 when the certified bound exceeds this."),
     input_shape: Optional[str] = typer.Option(None, "--input-shape", help=H_INPUT_SHAPE),
@@ -127,7 +129,7 @@ def certify(
 
     try:
         opts = _options(method, output, input_shape, spec, activation, factory, device, seed, max_l, lower_starts,
-                        budget_s)
+                        budget_s, graph_output=graph_output)
         from lipverify.audit import command_line
         from lipverify.budget import parse_bytes
 
@@ -175,6 +177,7 @@ def inspect(
     spec: Optional[str] = typer.Option(None, "--spec", help=H_SPEC),
     activation: str = typer.Option("relu", "--activation", help=H_ACTIVATION),
     factory: Optional[str] = typer.Option(None, "--factory", help=H_FACTORY),
+    graph_output: Optional[str] = typer.Option(None, "--graph-output", help="ONNX graph output to inspect (by name) when the graph has several."),
     json_path: Optional[str] = typer.Option(None, "--json", help="Write the extracted graph as JSON to this path."),
 ):
     """Show the extracted graph: layers, shapes, slopes, and which methods apply."""
@@ -185,7 +188,8 @@ def inspect(
     try:
         if json_path and Path(json_path).resolve() == Path(model).resolve():
             raise UserInputError(f"refusing to overwrite the model file {model} with --json")
-        info = run_inspect(model, _options("auto", None, input_shape, spec, activation, factory, "cpu", 0, None, 0))
+        info = run_inspect(model, _options("auto", None, input_shape, spec, activation, factory, "cpu", 0, None, 0,
+                                           graph_output=graph_output))
         if json_path:
             write_json(json_path, info)
     except LipverifyError as exc:
@@ -203,6 +207,8 @@ def check(
     spec: Optional[str] = typer.Option(None, "--spec", help=H_SPEC),
     activation: str = typer.Option("relu", "--activation", help=H_ACTIVATION),
     factory: Optional[str] = typer.Option(None, "--factory", help=H_FACTORY),
+    graph_output: Optional[str] = typer.Option(None, "--graph-output", help="ONNX graph output the certificate "
+                                               "must be about (default: the one it names)."),
     data: Optional[str] = typer.Option(None, "--data", help="The data file the certificate's radii and certified "
                                        "accuracy were computed on: they are recomputed from it."),
     ignore_data: bool = typer.Option(False, "--ignore-data", help="Check the bound only; report results on data "
@@ -217,7 +223,7 @@ def check(
 
     try:
         report = check_certificate(certificate, model, parse_shape(input_shape), spec, activation, factory,
-                                   data_path=data, ignore_data=ignore_data)
+                                   data_path=data, ignore_data=ignore_data, graph_output=graph_output)
     except CertificateInvalid as exc:
         say_error("INVALID", str(exc))
         raise typer.Exit(EXIT_GATE)

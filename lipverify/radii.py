@@ -16,7 +16,9 @@ correct), so certified accuracy at eps = 0 equals clean accuracy.
 
 Rounding. The radius is computed in float64 and rounded down by a few ulps. The logits are an
 input: they should come from a float64 forward pass; ``logit_tol`` (an absolute error bound per
-logit) is subtracted twice from every difference when the caller knows its logits are less exact.
+logit, one number or one per sample) is subtracted twice from every difference when the caller knows
+its logits are less exact. For logits of the user's file (float32), ``logit_tolerances`` gives that
+bound per sample over the whole ball the radius will claim (see there).
 """
 
 from __future__ import annotations
@@ -82,9 +84,11 @@ def compute_radii(
     L_pair: np.ndarray | None,
     eps_list: Sequence[float],
     index: np.ndarray | None = None,
-    logit_tol: float = 0.0,
+    logit_tol: float | np.ndarray = 0.0,
+    max_radius: np.ndarray | None = None,
 ) -> RadiiResult:
-    """Certified radii of every sample (see the module docstring for the formulas)."""
+    """Certified radii of every sample (see the module docstring for the formulas). ``max_radius``
+    (per sample) caps the radii: the ball on which ``logit_tol`` was shown to hold."""
     f = np.asarray(logits, dtype=np.float64)
     y = np.asarray(labels).astype(np.int64)
     if f.ndim != 2:
@@ -101,8 +105,9 @@ def compute_radii(
     L_global = float(L_global)
     if not (L_global > 0 and math.isfinite(L_global)):
         raise UserInputError(f"the global Lipschitz bound must be positive and finite, got {L_global}")
-    if logit_tol < 0:
-        raise ValueError("logit_tol must be >= 0")
+    logit_tol = np.broadcast_to(np.asarray(logit_tol, dtype=np.float64), (n,))
+    if not (np.isfinite(logit_tol).all() and (logit_tol >= 0).all()):
+        raise ValueError("logit_tol must be finite and >= 0")
     for eps in eps_list:
         if not (float(eps) >= 0 and math.isfinite(float(eps))):
             raise UserInputError(f"eps must be finite and >= 0, got {eps}")
@@ -127,7 +132,7 @@ def compute_radii(
         off = ~np.eye(c, dtype=bool)
         if not (np.isfinite(P[off]).all() and (P[off] >= 0).all()):
             raise UserInputError("pairwise Lipschitz bounds must be finite and >= 0")
-        diffs = f_y[:, None] - f - 2.0 * logit_tol  # [n, c]
+        diffs = f_y[:, None] - f - 2.0 * logit_tol[:, None]  # [n, c]
         Lyj = P[y]  # [n, c]
         with np.errstate(divide="ignore", invalid="ignore"):
             # L_yj == 0: f_y - f_j is constant, so that pair never flips (inf when diff > 0).
@@ -135,10 +140,72 @@ def compute_radii(
         ratio[rows, y] = np.inf
         radius_pairwise = np.where(correct, np.maximum(ratio.min(axis=1), 0.0) * _RADIUS_ROUND_DOWN, 0.0)
         radius = np.maximum(radius_global, radius_pairwise)
+    if max_radius is not None:
+        cap = np.broadcast_to(np.asarray(max_radius, dtype=np.float64), (n,))
+        radius_global = np.minimum(radius_global, cap)
+        radius_pairwise = None if radius_pairwise is None else np.minimum(radius_pairwise, cap)
+        radius = np.minimum(radius, cap)
 
     certified_at = {float(eps): radius > float(eps) for eps in eps_list}
     idx = np.arange(n, dtype=np.int64) if index is None else np.asarray(index, dtype=np.int64)
     return RadiiResult(idx, y, prediction, margin, radius_global, radius_pairwise, radius, certified_at)
+
+
+TOLERANCE_RULE = ("per sample: 2 x 64 x eps32 x max_j M_j(|x| + r0), M = the graph on |weights| (the self-check's "
+                  "rounding scale) over the ball of the radius before allowance r0; rounded up to 2 digits")
+REACH_CAP = 1e6  # an infinite radius (a class pair with L_yj = 0) is capped at 1e6 (1 + max|x|)
+
+
+def logit_tolerances(graph, x_batches, logits: np.ndarray, labels: np.ndarray, L_global: float,
+                     L_pair: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+    """Per-sample bound on the float32 rounding error of each logit of the file, valid on the whole
+    ball the sample's radius can claim.
+
+    A radius promises that the FILE's prediction is constant on the ball, but the certified L bounds
+    the exact function; the file's logits at x and at x + d each differ from it by their rounding.
+    That error scales with the magnitudes of the terms summed inside the network, not with the logits
+    (a network with large cancelling activations rounds far more than its outputs suggest), so the
+    bound is the self-check's rule TOL_FACTOR * eps32 * M with M = the graph run on |weights| and
+    |x|, taken at |x| + r0 (elementwise), where r0 is the radius before any allowance: every point of
+    the ball has |x + d| <= |x| + r0 in each coordinate and M is monotone in its input, so it covers
+    x and every x + d. The margin's difference then moves by at most 4 such errors; compute_radii
+    subtracts 2 * logit_tol, hence logit_tol = 2 * TOL_FACTOR * eps32 * M. Rounded up to two
+    significant digits so that `lipverify check` recomputes the same value on another machine.
+
+    Returns (logit_tol, reach): pass both to compute_radii (``max_radius=reach``); reach is r0, capped
+    where it is infinite (REACH_CAP), since no finite bound holds on an unbounded ball."""
+    from lipverify.graph.check import EPS32, TOL_FACTOR, magnitudes
+
+    r0 = compute_radii(logits, labels, L_global, L_pair, []).radius / _RADIUS_ROUND_DOWN
+    base = LOGIT_REL_TOL * (1.0 + float(np.abs(logits).max())) if len(logits) else 0.0
+    out, reach = np.empty(len(logits)), np.empty(len(logits))
+    start = 0
+    for x in x_batches:
+        x = torch.as_tensor(np.asarray(x, dtype=np.float64))
+        k = len(x)
+        cap = REACH_CAP * (1.0 + x.abs().reshape(k, -1).amax(dim=1).numpy())
+        reach[start:start + k] = np.minimum(r0[start:start + k], cap)
+        ball = torch.from_numpy(reach[start:start + k]).reshape((-1,) + (1,) * (x.dim() - 1))
+        with torch.no_grad():
+            m = magnitudes(graph, x.abs() + ball).reshape(k, -1).amax(dim=1).numpy()
+        out[start:start + k] = 2.0 * TOL_FACTOR * EPS32 * m
+        start += k
+    if start != len(logits):
+        raise ValueError(f"logit_tolerances: {start} inputs for {len(logits)} logit rows")
+    tol = _round_up_2_digits(np.maximum(out, base))
+    if not np.isfinite(tol).all():  # magnitudes overflow float64: nothing can be certified there
+        tol = np.where(np.isfinite(tol), tol, np.finfo(np.float64).max)
+    return tol, reach
+
+
+def _round_up_2_digits(v: np.ndarray) -> np.ndarray:
+    """Round positive values up to two significant digits (machine-independent to recompute)."""
+    v = np.asarray(v, dtype=np.float64)
+    out = v.copy()
+    pos = v > 0
+    scale = 10.0 ** (np.floor(np.log10(v[pos])) - 1)
+    out[pos] = np.ceil(v[pos] / scale) * scale * (1 + 4 * float(np.finfo(np.float64).eps))
+    return out
 
 
 def accuracy_curve(radius: np.ndarray, max_points: int = 400) -> dict[str, list[float]]:

@@ -20,7 +20,8 @@ from lipverify.data import DataSpec, check_labels, count_samples, data_sha256, i
 from lipverify.errors import SoundnessError, UserInputError
 from lipverify.graph.ir import Graph
 from lipverify.graph.transform import output_dim, pairwise_difference
-from lipverify.radii import LOGIT_REL_TOL, RadiiResult, compute_radii, model_logits, pgd_inside_radius, summarize
+from lipverify.radii import (TOLERANCE_RULE, RadiiResult, compute_radii, logit_tolerances, model_logits,
+                             pgd_inside_radius, summarize)
 from lipverify.verifier import verify
 
 MAX_PAIRWISE_CLASSES = 32  # C (C-1) / 2 pairwise certificates; beyond this use the global form only
@@ -106,17 +107,19 @@ def evaluate(graph: Graph, reference, L_global: float, method_names: list[str], 
     if not ys:
         raise UserInputError(f"{opts.spec.path}: the dataset is empty")
     logits_arr, labels = np.concatenate(logits), np.concatenate(ys)
-    tol = LOGIT_REL_TOL * (1.0 + float(np.abs(logits_arr).max()))
 
     L_pair, used = None, {}
     if opts.pairwise and n_classes <= MAX_PAIRWISE_CLASSES:
         L_pair, used = pairwise_bounds(graph, method_names, ctx, track)
+    # the file's float32 rounding, bounded per sample over the ball its radius will claim
+    inputs = (x.numpy() for x, _ in track(iter_batches(opts.spec, shape), "rounding allowance per sample", n_batches))
+    tol, reach = logit_tolerances(graph, inputs, logits_arr, labels, L_global, L_pair)
     result = compute_radii(logits_arr, labels, L_global, L_pair, opts.eps, index=sample_indices(opts.spec),
-                           logit_tol=tol)
+                           logit_tol=tol, max_radius=reach)
     summary = summarize(result, opts.eps)
     certificates = used.pop("certificates", {}) if used else {}
     summary.update({"path": str(opts.spec.path), "sha256": data_sha256(opts.spec.path), "L_global": L_global,
-                    "logit_tolerance": tol, "eps": [float(e) for e in opts.eps], "pairwise_methods": used,
+                    "logit_tolerance": float(tol.max()), "logit_tolerance_rule": TOLERANCE_RULE, "eps": [float(e) for e in opts.eps], "pairwise_methods": used,
                     "spec": {k: getattr(opts.spec, k) for k in ("x_key", "y_key", "label_column", "transform",
                                                                 "limit", "seed", "batch_size")},
                     "pairwise_certificates": certificates})
@@ -124,17 +127,18 @@ def evaluate(graph: Graph, reference, L_global: float, method_names: list[str], 
         summary["L_pairwise"] = [[None if not math.isfinite(v) else float(v) for v in row] for row in L_pair]
 
     summary["pgd_check"] = sanity_attack(graph, np.concatenate(xs) if xs else np.zeros((0,) + shape),
-                                         result, opts, track, reference=reference, logit_tol=tol)
+                                         result, opts, track, reference=reference)
     summary["seconds"] = time.perf_counter() - t0
     return summary, result
 
 
 def sanity_attack(graph: Graph, x_head: np.ndarray, result: RadiiResult, opts: DataOptions, track,
-                  reference=None, logit_tol: float = 0.0) -> dict:
+                  reference=None) -> dict:
     """PGD inside the certified radius of some certified points: a success is a soundness bug.
 
     The graph's gradients propose the points; with ``reference`` (the user's file) the file's own
-    prediction there decides success, so a wrong extraction cannot hide a flip."""
+    prediction there decides success, so a wrong extraction cannot hide a flip. Any flip counts: the
+    radii already allow for the file's rounding at x and at every point of the ball."""
     k = min(len(x_head), opts.attack_samples)
     idx = np.nonzero(result.radius[:k] > 0)[0]
     if len(idx) == 0 or opts.attack_samples <= 0:
@@ -148,7 +152,7 @@ def sanity_attack(graph: Graph, x_head: np.ndarray, result: RadiiResult, opts: D
 
         judge = FileModel(reference, graph.input_shape)
     success = pgd_inside_radius(graph.forward, x, y, radius, steps=opts.attack_steps, restarts=1, seed=0,
-                                judge=judge, judge_tol=logit_tol)
+                                judge=judge, judge_tol=0.0)
     n_success = int(np.sum(success))
     if n_success:
         raise SoundnessError(f"BUG: a PGD attack changed the prediction of {n_success} sample(s) inside their "

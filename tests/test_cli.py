@@ -16,7 +16,7 @@ from conftest import FIXTURES, export_onnx
 from lipverify.cli import app
 
 runner = CliRunner()
-FAST = ["--lower-starts", "4", "--lower-budget-s", "2"]
+FAST = ["--lower-starts", "4", "--lower-effort", "0.25"]  # a small deterministic lower-bound search
 REQUIRED_KEYS = {"schema_version", "model", "method", "certified_bound", "lower_bound", "bounds", "layers",
                  "timings", "versions"}
 
@@ -308,7 +308,9 @@ def test_audit_trail_and_report_from_the_certificate(tmp_path):
     assert run_block["lipverify_version"] == __version__
     assert run_block["timestamp_utc"].endswith("Z") and run_block["host"] and run_block["device"] == "cpu"
     assert run_block["options"]["method"] == "product" and run_block["options"]["data"]["limit"] == 30
-    assert run_block["budget_s"] is None and run_block["cut_by_budget"] == []
+    # no --budget-s: nothing is cut but what the explicit --lower-budget-s cap of FAST may cut on a busy machine
+    assert run_block["budget_s"] is None
+    assert all(c.startswith("sampled lower bound: --lower-budget-s") for c in run_block["cut_by_budget"])
     digest = hashlib.sha256((FIXTURES / "digits_test.npz").read_bytes()).hexdigest()
     assert cert["data"]["sha256"] == digest
     assert {"load_s", "extract_s", "bound_s", "lower_s", "data_s", "total_s"} <= set(cert["timings"])

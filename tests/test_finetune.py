@@ -86,45 +86,91 @@ def test_round_trip_keeps_the_function(small, name):
         assert json.loads(out.with_suffix(".json").read_text())["layers"] == json.loads(spec_in and Path(spec_in).read_text())["layers"]
 
 
-def test_out_equal_to_input_is_refused(small):
+def test_no_write_lands_on_the_input_model_its_spec_or_the_data(small):
+    """The exported file, the certificate and the checkpoint never overwrite the input model, its
+    spec or a data file (no option allows it), nor each other; nothing is written when refused."""
     src = small / "mlp.onnx"
-    before = _sha(src)
-    with pytest.raises(UserInputError, match="refusing to overwrite"):
-        finetune(src, src, _opts(small, target_L=2.0, epochs=1))
-    with pytest.raises(UserInputError, match="format"):
-        finetune(src, small / "x.pt", _opts(small, target_L=2.0, epochs=1))
-    assert _sha(src) == before
+    before = {p: _sha(p) for p in small.iterdir() if p.is_file()}
+    refused = [
+        (src, {}, "input model"),
+        (small / "m2.onnx", {"certificate": str(src)}, "input model"),
+        (small / "m2.onnx", {"checkpoint": str(src)}, "input model"),
+        (small / "m2.onnx", {"certificate": str(small / "val.npz")}, "data file"),
+        (small / "m2.onnx", {"certificate": str(small / "m2.onnx")}, "same file"),
+        (small / "x.pt", {}, "format"),
+    ]
+    for out, kw, match in refused:
+        with pytest.raises(UserInputError, match=match):
+            finetune(src, out, _opts(small, target_L=2.0, epochs=1, **kw))
+    st = small / "cnn_bn.safetensors"
+    with pytest.raises(UserInputError, match="input's spec"):  # the certificate over the input's spec
+        finetune(st, small / "st2.safetensors", _opts(small, target_L=2.0, epochs=1,
+                                                       certificate=str(small / "cnn_bn.json")))
+    assert {p: _sha(p) for p in small.iterdir() if p.is_file()} == before
 
 
-@pytest.mark.parametrize("method", ["rslmi", "lip-loop"])
-def test_resume_gives_the_uninterrupted_result(small, method):
-    kw = dict(target_L=2.0, method=method, epochs=2, seed=3)
-    full = small / f"full_{method}.onnx"
-    finetune(small / "mlp.onnx", full, _opts(small, **kw))
+@pytest.mark.parametrize("model,method,extra", [
+    ("mlp.onnx", "rslmi", {}),
+    ("mlp.onnx", "rslmi", {"sketch_every": 3, "penalty_every": 2}),  # interrupted between two sketch draws
+    ("mlp.onnx", "lip-loop", {}),
+    ("cnn_bn.onnx", "lip-loop", {"certify_method": "layerwise"}),  # layerwise scalings in the checkpoint
+])
+def test_resume_gives_the_uninterrupted_result(small, model, method, extra):
+    kw = dict(target_L=2.0, method=method, epochs=2, seed=3, **extra)
+    tag = f"{model.split('.')[0]}_{method}_{len(extra)}"
+    full = small / f"full_{tag}.onnx"
+    finetune(small / model, full, _opts(small, **kw))
 
-    part = small / f"part_{method}.onnx"
+    part = small / f"part_{tag}.onnx"
 
     def ctrl_c(epoch, step):
         if (epoch, step) == (0, 2):
             raise KeyboardInterrupt
 
     with pytest.raises(TrainingInterrupted):
-        finetune(small / "mlp.onnx", part, _opts(small, **kw), on_step=ctrl_c)
+        finetune(small / model, part, _opts(small, **kw), on_step=ctrl_c)
     assert not part.exists() and Path(str(part) + ".ckpt").exists()
     with pytest.raises(UserInputError, match="other settings"):
-        finetune(small / "mlp.onnx", part, _opts(small, **dict(kw, lr=0.5), resume=True))
-    finetune(small / "mlp.onnx", part, _opts(small, **kw, resume=True))
+        finetune(small / model, part, _opts(small, **dict(kw, lr=0.5), resume=True))
+    finetune(small / model, part, _opts(small, **kw, resume=True))
     x = np.load(small / "val.npz")["x"]
     np.testing.assert_array_equal(_outputs(full, x), _outputs(part, x))
     assert not Path(str(part) + ".ckpt").exists()
 
 
-def test_lip_loop_needs_a_dense_chain_and_distill_works(small):
-    with pytest.raises(UserInputError, match="dense"):
-        finetune(small / "cnn_bn.onnx", small / "c.onnx", _opts(small, target_L=2.0, method="lip-loop", epochs=1))
+def test_training_meets_the_target_without_the_output_rescale(small):
+    """rslmi ends by clipping every layer to its trained budget, so the product bound of the
+    exported file meets the target by itself; the certificate says no rescale was applied."""
+    r = finetune(small / "mlp.onnx", small / "norescale.onnx", _opts(small, target_L=1.0, epochs=2))
+    ft = r.certificate["fine_tune"]
+    assert r.target_met and ft["final_correction"] == [] and ft["rescale_factor"] == 1.0
+    assert ft["certified_bound_trained"] <= 1.0 and ft["loss"]["kind"] == "margin"
+
+
+def test_lip_loop_trains_a_cnn_through_layerwise_scalings(small):
+    """No dense chain: lip-loop's projection certifies with layerwise scalings, and the exported
+    file (convolutions written with their own padding) certifies at what training aimed at."""
+    r = finetune(small / "cnn_bn.onnx", small / "c.onnx",
+                 _opts(small, target_L=2.0, method="lip-loop", epochs=1, certify_method="layerwise"))
+    ft = r.certificate["fine_tune"]
+    assert r.target_met and r.certificate["method"] == "layerwise" and ft["rescale_factor"] == 1.0
+    assert ft["history"][0]["L_kind"] == "layerwise(W̄)" and ft["history"][0]["L"] <= 2.0
+    assert ft["accuracy_after"] > 0.5
+
+
+def test_distill_works(small):
     r = finetune(small / "mlp.onnx", small / "d.onnx",
                  _opts(small, target_L=4.0, epochs=1, distill=True, data=str(small / "unlabelled.npz")))
     assert r.target_met and r.certificate["fine_tune"]["accuracy_after"] is not None
+
+
+def test_certified_accuracy_at_several_radii_and_the_project_default_loss(small):
+    r = finetune(small / "mlp.onnx", small / "radii.onnx",
+                 _opts(small, target_L=2.0, epochs=1, method="project", eps=0.05, more_eps=(0.2,)))
+    ft = r.certificate["fine_tune"]
+    assert set(ft["certified_accuracy"]) == {"0.05", "0.2"} and ft["loss"]["kind"] == "ce"
+    assert ft["certified_accuracy"]["0.05"]["after"] >= ft["certified_accuracy"]["0.2"]["after"]
+    assert ft["certified_accuracy"]["0.05"]["after"] == ft["certified_accuracy_after"]
 
 
 def _cli():
@@ -138,12 +184,17 @@ def _cli():
     return app
 
 
-@pytest.mark.parametrize("data,needle", [("wrong_shape.npz", "shape"), ("unlabelled.npz", "--distill")])
-def test_bad_data_exits_2(small, data, needle):
+@pytest.mark.parametrize("data,needle,extra", [
+    ("wrong_shape.npz", "shape", []), ("unlabelled.npz", "--distill", []),
+    ("train.npz", "--loss", ["--loss", "hinge"]), ("train.npz", "--eps", ["--eps", "0.1,x"]),
+    ("train.npz", "--beta", ["--beta", "0"]), ("train.npz", "--sketch-every", ["--sketch-every", "0"]),
+    ("train.npz", "--device", ["--device", "tpu"]),
+])
+def test_bad_input_exits_2(small, data, needle, extra):
     from typer.testing import CliRunner
 
     res = CliRunner().invoke(_cli(), ["fine-tune", str(small / "mlp.onnx"), "--target-L", "2", "--data",
-                                      str(small / data), "--out", str(small / "bad.onnx"), "-q"])
+                                      str(small / data), "--out", str(small / "bad.onnx"), "-q", *extra])
     assert res.exit_code == 2, res.output
     assert needle in res.output
     assert not (small / "bad.onnx").exists()
@@ -160,3 +211,15 @@ def test_cli_success_and_same_path_refusal(small):
     assert "certified L" in res.output and (small / "cli.certificate.json").exists()
     res = runner.invoke(_cli(), args + ["--out", str(small / "mlp.onnx")])
     assert res.exit_code == 2 and "refusing" in res.output
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_training_matches_the_cpu(small):
+    """The same run on the GPU and on the CPU: the same function up to float reduction order."""
+    kw = dict(target_L=2.0, epochs=1, certify_method="product")
+    cpu = finetune(small / "mlp.onnx", small / "dev_cpu.onnx", _opts(small, **kw))
+    gpu = finetune(small / "mlp.onnx", small / "dev_gpu.onnx", _opts(small, device="cuda", **kw))
+    assert cpu.target_met and gpu.target_met
+    x = np.load(small / "val.npz")["x"]
+    np.testing.assert_allclose(_outputs(small / "dev_cpu.onnx", x), _outputs(small / "dev_gpu.onnx", x),
+                               rtol=1e-3, atol=1e-3)

@@ -545,3 +545,124 @@ def test_adversarial_generator_finds_no_violation(tmp_path, family):
         rec = check_case(seed, tmp_path, family)
         assert rec["status"] in ("certified", "refused", "checked"), rec
         assert not rec["violations"], rec
+
+
+def test_radii_allow_for_the_files_rounding_inside_the_network(tmp_path):
+    """a06: logits computed through a large intermediate (+1e4, Relu, -1e4) round to a 2^-10 grid, far
+    coarser than the logits suggest. A sample whose true margin is 0.02 grid steps showed a file margin of
+    one grid step and was certified, yet a perturbation 40x smaller than its radius flipped the file."""
+    from lipverify.data import DataSpec
+    from lipverify.robustness import DataOptions
+
+    big = np.float32(1e4)
+    model = tmp_path / "m.onnx"
+    make_onnx(model, [helper.make_node("Gemm", ["x", "W"], ["z"], transB=1),
+                      helper.make_node("Add", ["z", "big"], ["u"]),
+                      helper.make_node("Relu", ["u"], ["r"]),
+                      helper.make_node("Sub", ["r", "big"], ["y"])],
+              {"W": np.eye(2, dtype=np.float32), "big": big}, [2])
+    grid = float(np.spacing(big))
+    rng = np.random.default_rng(0)
+    xs = [np.eye(2, dtype=np.float32)[i % 2] + 0.01 * rng.standard_normal(2).astype(np.float32) for i in range(8)]
+    ys = [i % 2 for i in range(8)]
+    tricky = np.array([0.5 + 0.51 * grid, 0.5 + 0.49 * grid], np.float32)
+    flipped = (tricky.astype(np.float64) + np.array([-0.02, 0.02]) * grid).astype(np.float32)
+    assert file_outputs(model, tricky[None])[0].argmax() == 0 and file_outputs(model, flipped[None])[0].argmax() == 1
+    data = tmp_path / "d.npz"
+    np.savez(data, x=np.stack(xs + [tricky]), y=np.array(ys + [0], np.int64))
+    cert = certify(model, CertifyOptions(method="product", lower_starts=2, lower_effort=0.25,
+                                         data=DataOptions(spec=DataSpec(path=str(data)), eps=[1e-4])))
+    assert cert["data"]["logit_tolerance"] > grid  # the allowance sees the internal magnitude 1e4
+    assert cert["data"]["certified_accuracy"]["0.0001"] == 8 / 9  # the honest samples stay certified
+    cert_path = tmp_path / "c.json"
+    cert_path.write_text(json.dumps(cert))
+    report = check_certificate(cert_path, model, data_path=data)  # check recomputes the same allowance
+    assert any(step.startswith("data") for step, _ in report.steps)
+
+
+def test_certificate_binds_the_spec_of_a_safetensors_file(tmp_path):
+    """a14: only the weights' sha256 was recorded, so a certificate made with another spec (BatchNorm eps
+    100 instead of 1e-5: a network ~70x less steep) stayed VALID. The parsed spec is now hashed."""
+    model = tmp_path / "m.safetensors"
+    shutil.copy(FIXTURES / "cnn_bn.safetensors", model)
+    real = json.loads((FIXTURES / "cnn_bn.json").read_text())
+    forged = copy.deepcopy(real)
+    for layer in forged["layers"]:
+        if layer["type"] == "batchnorm":
+            layer["eps"] = 100.0
+    (tmp_path / "real.json").write_text(json.dumps(real))
+    (tmp_path / "forged.json").write_text(json.dumps(forged))
+    cert = certify(model, CertifyOptions(method="product", spec=str(tmp_path / "forged.json"), lower_starts=2,
+                                         lower_effort=0.25))
+    assert "spec_sha256" in cert["model"]["architecture"]
+    cert_path = tmp_path / "c.json"
+    cert_path.write_text(json.dumps(cert))
+    check_certificate(cert_path, model, spec=str(tmp_path / "forged.json"))  # what it was made for: valid
+    with pytest.raises(CertificateInvalid, match="not built the way it was certified"):
+        check_certificate(cert_path, model, spec=str(tmp_path / "real.json"))
+    stripped = copy.deepcopy(cert)
+    del stripped["model"]["architecture"]
+    cert_path.write_text(json.dumps(stripped))
+    with pytest.raises(CertificateInvalid, match="does not record the model's architecture"):
+        check_certificate(cert_path, model, spec=str(tmp_path / "forged.json"))
+
+
+def test_certificate_binds_the_factory_code(tmp_path, monkeypatch):
+    """a14: a state dict's network comes from --factory code, which was not recorded either."""
+    (tmp_path / "factory_a14.py").write_text(
+        "import torch.nn as nn\n"
+        "def build():\n"
+        "    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import factory_a14
+
+    torch.manual_seed(3)
+    torch.save(factory_a14.build().state_dict(), tmp_path / "w.pt")
+    cert = certify(tmp_path / "w.pt", CertifyOptions(method="product", factory="factory_a14:build", lower_starts=2,
+                                                     lower_effort=0.25))
+    assert set(cert["model"]["architecture"]["factory_sources"]) == {"factory_a14"}
+    cert_path = tmp_path / "c.json"
+    cert_path.write_text(json.dumps(cert))
+    check_certificate(cert_path, tmp_path / "w.pt", factory="factory_a14:build")
+    (tmp_path / "factory_a14.py").write_text((tmp_path / "factory_a14.py").read_text().replace("Tanh", "Hardtanh"))
+    with pytest.raises(CertificateInvalid, match="factory_sources"):
+        check_certificate(cert_path, tmp_path / "w.pt", factory="factory_a14:build")
+
+
+def test_nearly_linear_activation_does_not_hang_lipsdp(tmp_path):
+    """a09: LeakyRelu alpha = 0.999999 (slopes [0.999999, 1]) left the LipSDP barrier matrix numerically
+    singular and the solver pushed rho off the wall by 1e-12 forever. It now stops; the certified value
+    still comes from repaired, verified multipliers, and auto keeps the tightest method."""
+    rng = np.random.default_rng(0)
+    ws = [rng.standard_normal((8, 6)), rng.standard_normal((8, 8)), rng.standard_normal((3, 8))]
+    nodes, inits, cur = [], {}, "x"
+    for k, w in enumerate(ws):
+        nodes.append(helper.make_node("Gemm", [cur, f"W{k}"], [f"z{k}"], transB=1))
+        inits[f"W{k}"], cur = w, f"z{k}"
+        if k < 2:
+            nodes.append(helper.make_node("LeakyRelu", [cur], [f"a{k}"], alpha=0.999999))
+            cur = f"a{k}"
+    nodes.append(helper.make_node("Identity", [cur], ["y"]))
+    model = make_onnx(tmp_path / "m.onnx", nodes, inits, [6])
+    cert = certify(model, CertifyOptions(method="lipsdp-neuron", lower_starts=2, lower_effort=0.25))
+    assert math.isfinite(cert["certified_bound"]) and cert["lower_bound"] <= cert["certified_bound"]
+
+
+def test_check_remeasures_the_lower_bound_on_the_file(tmp_path):
+    """a03: the lower bound (and so the printed tightness) was not verified: a forger could claim the
+    bound is tight. check now recomputes the file's difference quotient at the stored pair."""
+    cert = certify(FIXTURES / "mlp.onnx", CertifyOptions(method="product", lower_starts=2, lower_effort=0.25))
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(cert))
+    report = check_certificate(path, FIXTURES / "mlp.onnx")
+    assert any(step == "lower bound" for step, _ in report.steps)
+    forged = copy.deepcopy(cert)
+    forged["lower_bound"] = cert["certified_bound"] * 0.999
+    forged["ratio"] = forged["lower_bound"] / cert["certified_bound"]
+    path.write_text(json.dumps(forged))
+    with pytest.raises(CertificateInvalid, match="difference quotient"):
+        check_certificate(path, FIXTURES / "mlp.onnx")
+    del forged["lower_bound_search"]["pair"]
+    path.write_text(json.dumps(forged))
+    with pytest.raises(CertificateInvalid, match="pair of inputs"):
+        check_certificate(path, FIXTURES / "mlp.onnx")

@@ -45,6 +45,7 @@ import torch
 from lipverify.bounds.lipsdp_blocks import F64, Chain
 
 MAX_NEWTON_STEPS = 300
+MAX_NUDGES = 60  # consecutive pushes of rho off a numerically singular wall before the solve stops
 CENTERED = 1.0  # Newton decrement^2 at which a point counts as centred (then: predictor step)
 ARMIJO = 0.25
 TO_BOUNDARY = 0.99  # fraction of the step to t = 0
@@ -117,12 +118,18 @@ def solve(chain: Chain, mode: str, T0: list, *, tol: float = 1e-6, max_steps: in
     history = []
     stop, converged = "", False
     e = torch.zeros(nvar + 1, dtype=F64, device=dev)
+    nudges = 0
     while True:
         x = torch.cat([torch.tensor([rho], dtype=F64, device=dev), theta])
         fac = chain.factor(rho, to_T(theta))
-        if fac is None:  # rho sits numerically on the wall: nudge it inside
-            rho = rho * (1 + 1e-12) + 1e-300
+        if fac is None:  # rho sits numerically on the wall: nudge it inside, by growing steps
+            nudges += 1
+            if nudges > MAX_NUDGES:  # numerically degenerate (e.g. slopes [0.999999, 1]): stop here;
+                stop = "the barrier matrix stayed numerically singular (degenerate problem)"  # repair decides
+                break
+            rho = rho * (1 + 1e-12 * 2.0 ** nudges) + 1e-300
             continue
+        nudges = 0
         Sd, So = chain.selected_inverse(fac)
         g_rho, g_t = chain.gradient(Sd, So)
         if layer:  # chain rule through t = E theta

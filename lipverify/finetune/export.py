@@ -3,6 +3,10 @@
 - ONNX in -> ONNX out: the trained lipverify IR (a torch module) exported with the legacy
   TorchScript-based exporter (``dynamo=False``, opset 17, dynamic batch axis), input ``input``,
   output ``output``. The graph is the IR's (BatchNorm folded), not the original node names.
+  Convolutions with symmetric padding are written as one Conv node with its ``pads`` (the IR's
+  own forward pads explicitly, which would export a Pad node and a Conv on the padded grid: the
+  same function, but certify would then bound the convolution on the larger padded input, a
+  looser norm than the one training aimed at).
 - TorchScript in -> TorchScript out: ``torch.jit.trace`` of the same module.
 - safetensors (+ spec) in -> safetensors + the same spec out: the trained weights are written back
   under the spec's tensor names (every other tensor and the file metadata are kept). A spec
@@ -51,21 +55,66 @@ def certificate_path_for(out: Path) -> Path:
     return out.with_suffix(".certificate.json")
 
 
-def check_out_path(model_path: Path, out: Path, fmt: str, force: bool) -> None:
-    """Refuse to overwrite the input (or its spec), and refuse a different format."""
-    if same_file(model_path, out) and not force:
-        raise UserInputError(f"--out {out} is the input model; refusing to overwrite it (choose another "
-                             "path, or pass --force to replace the input on purpose)")
+def check_out_paths(model_path: Path, fmt: str, out: Path, certificate: Path, checkpoint: Path,
+                    spec_in: Path | None = None, data: tuple = ()) -> None:
+    """Refuse, whatever the options, any write over the input model, its spec or the data files,
+    written paths that collide with each other, and an output in another format than the input."""
     suffix = out.suffix.lower()
     ok = {"onnx": suffix == ".onnx", "torchscript": suffix in TORCHSCRIPT_SUFFIXES,
           "safetensors": suffix in SAFETENSORS_SUFFIXES}.get(fmt, False)
     if not ok:
         raise UserInputError(f"--out {out}: the output keeps the input's format ({fmt}); use a "
                              f"{'.onnx' if fmt == 'onnx' else '.safetensors' if fmt == 'safetensors' else '.pt'} path")
-    if fmt == "safetensors" and same_file(spec_path_for(model_path), spec_path_for(out)) and not force:
-        raise UserInputError(f"--out {out} would overwrite the input's spec {spec_path_for(out)}")
     if out.exists() and out.is_dir():
         raise UserInputError(f"--out {out} is a directory")
+    protected = [("the input model", Path(model_path))]
+    if fmt == "safetensors":
+        protected.append(("the input's spec", Path(spec_in) if spec_in else spec_path_for(Path(model_path))))
+    protected += [("a data file", Path(d)) for d in data if d]
+    written = [("--out", out)]
+    if fmt == "safetensors":
+        written.append(("the output's spec", spec_path_for(out)))
+    written += [("the certificate (--json)", Path(certificate)), ("the checkpoint (--checkpoint)", Path(checkpoint))]
+    for what, path in written:
+        for name, keep in protected:
+            if same_file(path, keep):
+                raise UserInputError(f"{what} {path} is {name}; refusing to overwrite it (choose another path)")
+    for i, (what, path) in enumerate(written):
+        for other, path2 in written[i + 1:]:
+            if same_file(path, path2):
+                raise UserInputError(f"{what} and {other} are the same file {path}; choose different paths")
+
+
+class ExportForward(torch.nn.Module):
+    """The trainable graph's forward with each symmetric-padded convolution as one native conv."""
+
+    def __init__(self, module: torch.nn.Module):
+        super().__init__()
+        self.module = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        g = self.module.graph
+        values = {g.input_name: x}
+        for n in g.nodes:
+            args = [values[a] for a in n.inputs]
+            values[n.name] = _native_conv(n.op, args[0]) if _symmetric_conv(n.op) else n.op.forward(*args)
+        return values[g.output]
+
+
+def _symmetric_conv(op) -> bool:
+    if not isinstance(op, Conv) or op.weight.dim() not in (3, 4, 5):
+        return False
+    d = len(op.pads) // 2
+    return tuple(op.pads[:d]) == tuple(op.pads[d:])
+
+
+def _native_conv(op, x: torch.Tensor) -> torch.Tensor:
+    from torch.nn import functional as F
+
+    conv = {3: F.conv1d, 4: F.conv2d, 5: F.conv3d}[op.weight.dim()]
+    d = len(op.pads) // 2
+    return conv(x, op.weight, op.bias, stride=op.stride, padding=tuple(op.pads[:d]), dilation=op.dilation,
+                groups=op.groups)
 
 
 def _example(input_shape) -> torch.Tensor:
@@ -183,10 +232,10 @@ def write_model(fmt: str, module, input_shape, out: Path, *, tensors=None, entri
                 metadata=None) -> list[Path]:
     """Write ``module`` (a TrainableGraph) to ``out`` in ``fmt``; returns the files written."""
     if fmt == "onnx":
-        atomic_write_bytes(out, onnx_bytes(module, input_shape))
+        atomic_write_bytes(out, onnx_bytes(ExportForward(module), input_shape))
         return [out]
     if fmt == "torchscript":
-        atomic_write_bytes(out, torchscript_bytes(module, input_shape))
+        atomic_write_bytes(out, torchscript_bytes(ExportForward(module), input_shape))
         return [out]
     if fmt == "safetensors":
         atomic_write_bytes(out, safetensors_bytes(module.trainable, entries, tensors, metadata))

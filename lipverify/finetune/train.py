@@ -6,11 +6,12 @@ therefore *folded* into the adjacent convolution before training (``graph.simpli
 trained as such; input normalization and other fixed scalings stay fixed. Training the IR means
 the penalty acts on exactly the operators the certificate bounds, whatever the input format.
 
-Pipeline: load -> extract IR -> data checks -> accuracy of the original -> train (method penalty /
-projection, checkpoints) -> export in the input's format -> ``certify`` the exported file from
-disk -> if its certified L exceeds the target, exact final correction (scale the output layer by
-target/L, re-export, re-certify) -> accuracy and certified accuracy of the exported file ->
-certificate JSON beside it.
+Pipeline: load -> extract IR -> data checks -> accuracy of the original -> train (task loss from
+losses.py + method penalty / projection, checkpoints; data-parallel under torchrun, see
+distributed.py) -> export in the input's format -> ``certify`` the exported file from disk -> if
+its certified L still exceeds the target, the last resort: an exact output rescale by target/L
+(re-export, re-certify; recorded as ``rescale_factor``) -> accuracy and certified accuracy of the
+exported file -> certificate JSON beside it.
 
 Reproducibility: one thread, ``torch.manual_seed(seed)``, the batch order of epoch e drawn from a
 generator seeded with (seed, e), sketches seeded by (seed, step, layer). A checkpoint holds the
@@ -26,14 +27,13 @@ import io
 import math
 import signal
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from lipverify.errors import LipverifyError, UserInputError
 from lipverify.fileio import atomic_write_bytes, write_json
@@ -42,7 +42,7 @@ from lipverify.finetune.methods import make_method
 from lipverify.ops.conv import Conv
 from lipverify.ops.dense import Dense
 
-CHECKPOINT_VERSION = 1
+CHECKPOINT_VERSION = 2
 _SOURCE_CERTS: dict = {}
 
 
@@ -63,7 +63,12 @@ class FinetuneOptions:
     lr: float = 1e-3
     seed: int = 0
     distill: bool = False
-    eps: float = 0.1  # certified accuracy is reported at this radius
+    eps: float = 0.1  # certified accuracy is reported at this radius (and the margin loss trains for it)
+    more_eps: tuple[float, ...] = ()  # further radii at which certified accuracy is reported
+    # task loss (losses.py): "auto" = the method's default (margin for rslmi/lip-loop, ce for project)
+    loss: str = "auto"
+    beta: float | None = None  # None: DEFAULT_BETA_EPS / margin_eps (16 at eps 0.1)
+    margin_eps: float | None = None  # None: train for the reported radius eps
     # data reading (mirrors certify's data options)
     x_key: str = "x"
     y_key: str = "y"
@@ -76,6 +81,8 @@ class FinetuneOptions:
     activation: str = "relu"
     # method settings
     sketch_dim: int = 8
+    sketch_every: int = 4  # rslmi: steps that share one sketch (and one power iteration)
+    penalty_every: int = 4  # rslmi: the penalty is evaluated every k steps, with weight k
     alpha: float = 0.3
     alpha_growth: float = 1.0
     tau_weight: float = 0.0
@@ -84,20 +91,21 @@ class FinetuneOptions:
     rho_growth: float = 1.0
     admm_every: int = 10
     # certification of the exported file
+    device: str = "cpu"  # training device: cpu, cuda or auto (certification always runs on the CPU)
     certify_method: str = "auto"
     lower_starts: int = 8
     lower_budget_s: float | None = None
     # files
     checkpoint: str | None = None
     resume: bool = False
-    force: bool = False
     certificate: str | None = None
 
     def settings(self) -> dict:
         d = asdict(self)
-        for k in ("checkpoint", "resume", "force", "certificate"):
+        for k in ("checkpoint", "resume", "certificate"):
             d.pop(k)
         d["input_shape"] = list(self.input_shape) if self.input_shape else None
+        d["more_eps"] = list(self.more_eps)
         return d
 
 
@@ -141,8 +149,23 @@ class TrainableGraph(nn.Module):
         if not self.trainable:
             raise UserInputError("the model has no dense or convolution layer to fine-tune")
 
+    device = torch.device("cpu")
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.graph.forward(x)
+
+    def move(self, device) -> "TrainableGraph":
+        """Put every tensor of the IR on ``device``. Parameters keep their identity (the graph's
+        ops, the optimizer and the methods refer to them), so only their data moves."""
+        device = torch.device(device)
+        for n in self.graph.nodes:
+            for name, value in vars(n.op).items():
+                if isinstance(value, nn.Parameter):
+                    value.data = value.data.to(device)
+                elif isinstance(value, torch.Tensor):
+                    setattr(n.op, name, value.to(device))
+        self.device = device
+        return self
 
 
 # ------------------------------------------------------------------------------------------------
@@ -248,16 +271,21 @@ def load_checkpoint(path: Path) -> dict:
 
 @contextlib.contextmanager
 def _deterministic(seed: int):
-    """One thread and a seeded global generator for the duration of the run (restored after)."""
+    """One thread, seeded global generators and deterministic cuDNN kernels for the duration of
+    the run (restored after). On a GPU, same seed => same numbers holds on the same GPU model and
+    software versions (floating-point reduction orders differ between devices)."""
     threads = torch.get_num_threads()
     rng = torch.get_rng_state()
+    cudnn = (torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
     torch.set_num_threads(1)
     torch.manual_seed(seed)
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
         yield
     finally:
         torch.set_num_threads(threads)
         torch.set_rng_state(rng)
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = cudnn
 
 
 @contextlib.contextmanager
@@ -282,10 +310,6 @@ def _sigint_flag():
 def _certify_file(path: Path, opts: FinetuneOptions, fmt: str, input_shape, track=None) -> dict:
     from lipverify.certify import CertifyOptions, certify
 
-    try:  # the tightest certifier that has landed registers itself at import
-        import lipverify.bounds.lipsdp  # noqa: F401
-    except ImportError:
-        pass
     copts = CertifyOptions(method=opts.certify_method, input_shape=tuple(input_shape),
                            spec=str(ex.spec_path_for(path)) if fmt == "safetensors" else None,
                            seed=opts.seed, lower_starts=opts.lower_starts, lower_budget_s=opts.lower_budget_s,
@@ -293,44 +317,75 @@ def _certify_file(path: Path, opts: FinetuneOptions, fmt: str, input_shape, trac
     return certify(path, copts, track=track)
 
 
-def finetune(model_path, out_path=None, opts: FinetuneOptions | None = None,
-             report: Callable[..., None] | None = None, on_step: Callable[[int, int], None] | None = None,
-             track=None) -> FinetuneResult:
-    """Fine-tune ``model_path`` until its certified L is at most ``opts.target_L``; see module docstring.
+def _source_certificate(model_path: Path, sha: str, opts: FinetuneOptions, fmt: str, input_shape, track) -> dict:
+    """The original model's certificate (same certifier, same settings); cached per process by
+    file hash, so sweeps over targets certify the source once."""
+    key = (sha, opts.certify_method, opts.seed, opts.lower_starts, opts.lower_budget_s, tuple(input_shape))
+    if key not in _SOURCE_CERTS:
+        _SOURCE_CERTS[key] = _certify_file(model_path, opts, fmt, input_shape, track)
+    return _SOURCE_CERTS[key]
 
-    ``report(event, **info)`` receives progress events: "start" (epochs, steps), "epoch_start" (epoch),
-    "step" (epoch, step, loss), "epoch_end" (epoch, loss, acc, L, L_kind), "certify" (stage). ``on_step(epoch,
-    step)`` is called after every completed step (tests use it to simulate Ctrl-C).
-    """
-    from lipverify.certify import build_graph
-    from lipverify.load.model import load_model
+
+def _validate(opts: FinetuneOptions) -> float:
+    from lipverify.finetune.losses import LOSSES
+    from lipverify.finetune.methods import METHODS
 
     if opts is None:
         raise UserInputError("fine-tune needs options (at least the target L)")
-    report = report or (lambda event, **info: None)
     target = float(opts.target_L)
     if not (math.isfinite(target) and target > 0):
         raise UserInputError(f"--target-L must be a positive number, got {opts.target_L}")
     if opts.epochs < 0 or opts.batch_size < 1 or not opts.lr > 0:
         raise UserInputError("--epochs must be >= 0, --batch-size >= 1 and --lr > 0")
+    if opts.method not in METHODS:
+        raise UserInputError(f"unknown --method {opts.method!r}; choose one of rslmi, lip-loop, project, plain")
+    if opts.loss not in LOSSES:
+        raise UserInputError(f"--loss {opts.loss!r}: choose one of {', '.join(LOSSES)}")
+    if any(not (math.isfinite(e) and e >= 0) for e in (opts.eps, *opts.more_eps)):
+        raise UserInputError("--eps values must be finite and >= 0")
+    if opts.device not in ("cpu", "cuda", "auto"):
+        raise UserInputError(f"--device {opts.device!r}: expected cpu, cuda or auto")
+    if opts.device == "cuda" and not torch.cuda.is_available():
+        raise UserInputError("--device cuda requested but no CUDA device is available (use --device auto or cpu)")
+    if opts.sketch_every < 1 or opts.penalty_every < 1:
+        raise UserInputError("--sketch-every and --penalty-every must be >= 1")
     if not opts.data:
         raise UserInputError("--data is required (training inputs; labels too unless --distill)")
-    model_path = Path(model_path)
+    return target
 
+
+@dataclass
+class _Run:
+    """Everything loaded and checked before training starts."""
+
+    model_path: Path
+    loaded: object
+    fmt: str
+    graph: object
+    input_shape: tuple
+    n_classes: int | None
+    x_tr: torch.Tensor
+    y_tr: torch.Tensor | None
+    x_va: torch.Tensor
+    y_va: torch.Tensor | None
+    val_name: str
+    tensors: dict | None = None
+    metadata: dict | None = None
+
+
+def _prepare(model_path, opts: FinetuneOptions) -> _Run:
+    from lipverify.certify import build_graph
+    from lipverify.load.model import load_model
+
+    model_path = Path(model_path)
     loaded = load_model(model_path, opts.input_shape, opts.spec, opts.activation, None)
     fmt = loaded.format
     if fmt not in ("onnx", "torchscript", "safetensors"):
         raise UserInputError(f"fine-tune writes ONNX, TorchScript or safetensors; {fmt!r} input is not supported")
-    out = Path(out_path) if out_path else ex.default_out_path(model_path, target)
-    ex.check_out_path(model_path, out, fmt, opts.force)
-    cert_path = Path(opts.certificate) if opts.certificate else ex.certificate_path_for(out)
-    ckpt_path = Path(opts.checkpoint) if opts.checkpoint else out.with_suffix(out.suffix + ".ckpt")
-
-    graph, check = build_graph(loaded)
+    graph, _check = build_graph(loaded)
     input_shape = tuple(graph.input_shape)
     out_shape = tuple(graph.output_shape)
     n_classes = out_shape[0] if len(out_shape) == 1 and out_shape[0] >= 2 else None
-
     x_tr, y_tr = load_data(opts.data, opts, input_shape, n_classes, need_labels=not opts.distill)
     if opts.val:
         try:  # validation labels give accuracies; with --distill they are optional
@@ -342,93 +397,169 @@ def finetune(model_path, out_path=None, opts: FinetuneOptions | None = None,
         val_name = opts.val
     else:
         x_va, y_va, val_name = x_tr, y_tr, f"{opts.data} (training data: no --val given)"
-
-    tensors = entries = metadata = None
+    run = _Run(model_path, loaded, fmt, graph, input_shape, n_classes, x_tr, y_tr, x_va, y_va, val_name)
     if fmt == "safetensors":
         from lipverify.load.spec import read_safetensors
 
-        tensors = read_safetensors(model_path)
-        metadata = ex.read_metadata(model_path)
+        run.tensors = read_safetensors(model_path)
+        run.metadata = ex.read_metadata(model_path)
+    return run
 
-    with _deterministic(opts.seed):
-        tg = TrainableGraph(graph)
-        if fmt == "safetensors":
-            entries = ex.map_spec(tg.trainable, loaded.spec, tensors)
-        # the function before training is the user's (self-check of the IR already passed; this
-        # checks the float32 trainable copy too)
-        with torch.no_grad():
-            ref = _predict(loaded.reference, x_va[:64])
-            mine = tg(x_va[:64]).numpy().reshape(len(ref), -1)
-        scale = max(1.0, float(np.abs(ref).max()))
-        if not np.allclose(ref, mine, atol=1e-4 * scale, rtol=1e-4):
-            raise UserInputError("the trainable copy of the network does not reproduce the model "
-                                 f"(max difference {float(np.abs(ref - mine).max()):.3g}); cannot fine-tune it")
-        logits_before = _predict(loaded.reference, x_va)
-        acc_before = _accuracy(logits_before, y_va if n_classes else None)
-        teacher = torch.from_numpy(_predict(loaded.reference, x_tr)).float() if opts.distill else None
 
-        history, t_train = _train(tg, opts, target, x_tr, y_tr, teacher, loaded.sha256, ckpt_path, report, on_step)
+def _trainable(run: _Run) -> TrainableGraph:
+    """The float32 trainable copy, checked against the user's model on validation inputs (the IR's
+    self-check already passed; this checks the copy too)."""
+    tg = TrainableGraph(run.graph)
+    with torch.no_grad():
+        ref = _predict(run.loaded.reference, run.x_va[:64])
+        mine = tg(run.x_va[:64]).numpy().reshape(len(ref), -1)
+    scale = max(1.0, float(np.abs(ref).max()))
+    if not np.allclose(ref, mine, atol=1e-4 * scale, rtol=1e-4):
+        raise UserInputError("the trainable copy of the network does not reproduce the model "
+                             f"(max difference {float(np.abs(ref - mine).max()):.3g}); cannot fine-tune it")
+    return tg
 
-    # export, certify from disk, correct if needed
-    files = ex.write_model(fmt, tg, input_shape, out, tensors=tensors, entries=entries, spec=loaded.spec,
-                           metadata=metadata)
+
+def _task_loss(run: _Run, opts: FinetuneOptions, target: float, teacher_L: float | None):
+    from lipverify.finetune.losses import TaskLoss, default_beta
+    from lipverify.finetune.methods import default_loss
+
+    kind = default_loss(opts.method) if opts.loss == "auto" else opts.loss
+    margin_eps = opts.eps if opts.margin_eps is None else opts.margin_eps
+    return TaskLoss(kind, target, default_beta(margin_eps) if opts.beta is None else opts.beta, margin_eps, teacher_L)
+
+
+def finetune(model_path, out_path=None, opts: FinetuneOptions | None = None,
+             report: Callable[..., None] | None = None, on_step: Callable[[int, int], None] | None = None,
+             track=None) -> FinetuneResult | None:
+    """Fine-tune ``model_path`` until its certified L is at most ``opts.target_L``; see module docstring.
+
+    ``report(event, **info)`` receives progress events: "start" (epochs, steps), "epoch_start" (epoch),
+    "step" (epoch, step, loss), "epoch_end" (epoch, loss, acc, L, L_kind), "certify" (stage). ``on_step(epoch,
+    step)`` is called after every completed step (tests use it to simulate Ctrl-C).
+
+    Under torchrun (WORLD_SIZE > 1) every rank trains its share of each batch (distributed.py);
+    rank 0 exports and certifies and returns the result, the other ranks return None.
+    """
+    from lipverify.finetune import distributed
+
+    target = _validate(opts)
+    report = report or (lambda event, **info: None)
+    model_path = Path(model_path)
+    run = _prepare(model_path, opts)
+    out = Path(out_path) if out_path else ex.default_out_path(model_path, target)
+    cert_path = Path(opts.certificate) if opts.certificate else ex.certificate_path_for(out)
+    ckpt_path = Path(opts.checkpoint) if opts.checkpoint else out.with_suffix(out.suffix + ".ckpt")
+    ex.check_out_paths(model_path, run.fmt, out, cert_path, ckpt_path, opts.spec, (opts.data, opts.val))
+    dist = distributed.from_env(opts.device)
+    try:
+        teacher_L = None
+        if opts.distill and run.n_classes is not None:  # the margin loss normalizes the teacher by its L
+            teacher_L = _shared_source_L(run, opts, dist, track)
+        with _deterministic(opts.seed):
+            tg = _trainable(run)
+            entries = ex.map_spec(tg.trainable, run.loaded.spec, run.tensors) if run.fmt == "safetensors" else None
+            logits_before = _predict(run.loaded.reference, run.x_va)
+            teacher = torch.from_numpy(_predict(run.loaded.reference, run.x_tr)).float() if opts.distill else None
+            loss_fn = _task_loss(run, opts, target, teacher_L)
+            tg.move(dist.device)
+            history, t_train = _train(tg, opts, target, run.x_tr, run.y_tr, teacher, loss_fn, run.loaded.sha256,
+                                      ckpt_path, report if dist.main else (lambda event, **info: None), on_step, dist)
+            tg.move("cpu")
+        if not dist.main:
+            dist.barrier()
+            return None
+        result = _export_and_certify(run, opts, target, tg, entries, out, cert_path, ckpt_path, logits_before,
+                                     history, t_train, loss_fn, report, track)
+        dist.barrier()
+        return result
+    finally:
+        dist.close()
+
+
+def _shared_source_L(run: _Run, opts, dist, track) -> float:
+    """The source's certified L, computed on rank 0 and sent to the other ranks."""
+    L = [None]
+    if dist.main:
+        L[0] = float(_source_certificate(run.model_path, run.loaded.sha256, opts, run.fmt, run.input_shape,
+                                         track)["certified_bound"])
+    if dist.active:
+        import torch.distributed as tdist
+
+        tdist.broadcast_object_list(L, src=0)
+    return float(L[0])
+
+
+def _export_and_certify(run: _Run, opts, target, tg, entries, out, cert_path, ckpt_path, logits_before,
+                        history, t_train, loss_fn, report, track) -> FinetuneResult:
+    """Export, certify the file from disk, correct if needed, write the certificate JSON."""
+    from lipverify.load.model import load_model
+
+    fmt, input_shape = run.fmt, run.input_shape
+    spec_out = str(ex.spec_path_for(out)) if fmt == "safetensors" else None
+
+    def write():
+        return ex.write_model(fmt, tg, input_shape, out, tensors=run.tensors, entries=entries, spec=run.loaded.spec,
+                              metadata=run.metadata)
+
+    files = write()
     report("certify", stage="exported file")
     cert = _certify_file(out, opts, fmt, input_shape, track)
     L_trained = float(cert["certified_bound"])
-    loaded_out = load_model(out, input_shape, str(ex.spec_path_for(out)) if fmt == "safetensors" else None)
-    logits_trained = _predict(loaded_out.reference, x_va)
-    acc_trained = _accuracy(logits_trained, y_va if n_classes else None)
+    y_eval = run.y_va if run.n_classes else None
+    acc_trained = _accuracy(_predict(load_model(out, input_shape, spec_out).reference, run.x_va), y_eval)
     corrections = []
     L = L_trained
-    for _ in range(4):
+    rescale = 1.0
+    for _ in range(4):  # the last resort: an exact output rescale (argmax and radii unchanged)
         if L <= target:
             break
         factor = target / L * (1.0 - 1e-6)
         how = ex.scale_last_layer(tg, factor)
-        files = ex.write_model(fmt, tg, input_shape, out, tensors=tensors, entries=entries, spec=loaded.spec,
-                               metadata=metadata)
+        rescale *= factor
+        files = write()
         report("certify", stage="after final correction")
         cert = _certify_file(out, opts, fmt, input_shape, track)
         corrections.append({"certified_before": L, "factor": factor, "how": how,
                             "certified_after": float(cert["certified_bound"])})
         L = float(cert["certified_bound"])
-    loaded_out = load_model(out, input_shape, str(ex.spec_path_for(out)) if fmt == "safetensors" else None)
-    logits_after = _predict(loaded_out.reference, x_va)
-    acc_after = _accuracy(logits_after, y_va if n_classes else None)
+    loaded_out = load_model(out, input_shape, spec_out)
+    logits_after = _predict(loaded_out.reference, run.x_va)
+    acc_after = _accuracy(logits_after, y_eval)
 
-    # the original model's certified bound, for the table (same certifier, same settings); cached
-    # per process by file hash so sweeps over targets certify the source once
-    key = (loaded.sha256, opts.certify_method, opts.seed, opts.lower_starts, opts.lower_budget_s, tuple(input_shape))
-    if key not in _SOURCE_CERTS:
-        _SOURCE_CERTS[key] = _certify_file(model_path, opts, fmt, input_shape, track)
-    cert_orig = _SOURCE_CERTS[key]
+    cert_orig = _source_certificate(run.model_path, run.loaded.sha256, opts, fmt, input_shape, track)
     L_orig = float(cert_orig["certified_bound"])
-    y_eval = y_va if n_classes else None
     finetune_section = {
-        "source": {"path": str(model_path), "sha256": loaded.sha256, "format": fmt,
+        "source": {"path": str(run.model_path), "sha256": run.loaded.sha256, "format": fmt,
                    "certified_bound": L_orig, "method": cert_orig["method"]},
         "output": {"path": str(out), "sha256": loaded_out.sha256, "files": [str(f) for f in files]},
         "target_L": target,
         "target_met": L <= target,
         "method": opts.method,
+        "loss": {"kind": loss_fn.kind, "beta": loss_fn.beta, "margin_eps": loss_fn.offset / math.sqrt(2.0)},
         "batchnorm": ("folded into the adjacent convolution before training (lipverify.graph.simplify)"
-                      if any(n.op_type == "BatchNormalization" for n in loaded.onnx_model.graph.node) else None),
+                      if any(n.op_type == "BatchNormalization" for n in run.loaded.onnx_model.graph.node) else None),
         "certified_accuracy_form": "global",  # radius margin / (sqrt(2) L) from the certified L
         "settings": opts.settings(),
         "seed": opts.seed,
-        "validation": val_name,
-        "accuracy_before": acc_before,
+        "validation": run.val_name,
+        "accuracy_before": _accuracy(logits_before, y_eval),
         "accuracy_trained": acc_trained,
         "accuracy_after": acc_after,
         "certified_bound_trained": L_trained,
         "final_correction": corrections,
+        "rescale_factor": rescale,
         "final_correction_accuracy_cost": (None if acc_trained is None or acc_after is None
                                            else acc_trained - acc_after),
         "eps": opts.eps,
         "certified_accuracy_before": _certified_accuracy(logits_before, y_eval, L_orig, opts.eps),
         "certified_accuracy_after": _certified_accuracy(logits_after, y_eval, L, opts.eps),
+        "certified_accuracy": {f"{e:g}": {"before": _certified_accuracy(logits_before, y_eval, L_orig, e),
+                                          "after": _certified_accuracy(logits_after, y_eval, L, e)}
+                               for e in dict.fromkeys([opts.eps, *opts.more_eps])},
         "history": history,
-        "train_seconds": t_train,
+        "train_seconds": t_train.wall,
+        "train_cpu_seconds": t_train.cpu,
     }
     cert = dict(cert)
     cert["fine_tune"] = finetune_section
@@ -438,20 +569,48 @@ def finetune(model_path, out_path=None, opts: FinetuneOptions | None = None,
     return FinetuneResult(out, cert_path, cert, L <= target, files)
 
 
-def _train(tg, opts, target, x, y, teacher, sha, ckpt_path, report, on_step):
-    """The training loop (deterministic, checkpointed). Returns (history, seconds)."""
-    method = make_method(opts.method, tg, target, opts, opts.seed)
-    groups = [{"params": list(tg.parameters()), "lr": opts.lr}]
-    extra = method.parameters()
-    if extra:
-        groups.append({"params": extra, "lr": max(opts.lr, 1e-2)})
-    optimizer = torch.optim.Adam(groups)
+def time_training(model_path, opts: FinetuneOptions) -> dict:
+    """Train without exporting or certifying (benchmarks: seconds per epoch of each method).
+
+    Returns {"seconds", "cpu_seconds": training time including the method's setup, "history": per epoch}."""
+    from lipverify.finetune import distributed
+
+    target = _validate(opts)
+    run = _prepare(Path(model_path), opts)
+    with _deterministic(opts.seed):
+        tg = _trainable(run).move(distributed.resolve_device(opts.device))
+        loss_fn = _task_loss(run, opts, target, None)
+        history, clock = _train(tg, replace(opts, resume=False), target, run.x_tr, run.y_tr, None, loss_fn,
+                                run.loaded.sha256, None, lambda event, **info: None, None, None)
+    return {"seconds": clock.wall, "cpu_seconds": clock.cpu, "history": history}
+
+
+def _train(tg, opts, target, x, y, teacher, loss_fn, sha, ckpt_path, report, on_step, dist):
+    """The training loop (deterministic, checkpointed, optionally data-parallel).
+
+    Returns (history, clock): the clock holds the seconds of training proper (wall and CPU), the
+    method's setup, per-epoch work and finalization included, checkpoints and progress excluded."""
+    from lipverify.finetune.distributed import Dist
+
+    dist = dist or Dist(device=str(tg.device))
+    device = tg.device
+    x = x.to(device)
+    y = None if y is None else y.to(device)
+    teacher = None if teacher is None else teacher.to(device)
+    clock = Stopwatch()
+    with clock:
+        method = make_method(opts.method, tg, target, opts, opts.seed)
+        model = dist.wrap(tg)
+        groups = [{"params": list(tg.parameters()), "lr": opts.lr}]
+        extra = method.parameters()
+        if extra:
+            groups.append({"params": extra, "lr": max(opts.lr, 1e-2)})
+        optimizer = torch.optim.Adam(groups)
     n = len(x)
     steps = math.ceil(n / opts.batch_size)
     settings = opts.settings()
     start_epoch, start_step, history = 0, 0, []
-    running = {"loss": 0.0, "correct": 0, "seen": 0}
-    seconds = 0.0
+    running = _fresh_running()
     if opts.resume:
         state = load_checkpoint(ckpt_path)
         if state.get("version") != CHECKPOINT_VERSION or state.get("input_sha256") != sha:
@@ -464,13 +623,16 @@ def _train(tg, opts, target, x, y, teacher, sha, ckpt_path, report, on_step):
         optimizer.load_state_dict(state["optimizer"])
         method.load_state_dict(state["method"])
         start_epoch, start_step = int(state["epoch"]), int(state["step"])
-        history, running, seconds = list(state["history"]), dict(state["running"]), float(state["seconds"])
+        history, running = list(state["history"]), dict(state["running"])
+        clock.load(state["clock"])
 
     def checkpoint(epoch, step):
+        if ckpt_path is None or not dist.main:
+            return
         save_checkpoint(ckpt_path, {
             "version": CHECKPOINT_VERSION, "input_sha256": sha, "settings": settings,
             "model": tg.state_dict(), "optimizer": optimizer.state_dict(), "method": method.state_dict(),
-            "epoch": epoch, "step": step, "history": history, "running": running, "seconds": seconds})
+            "epoch": epoch, "step": step, "history": history, "running": running, "clock": clock.state()})
 
     report("start", epochs=opts.epochs, steps=steps, start_epoch=start_epoch)
     with _sigint_flag() as flag:
@@ -481,17 +643,18 @@ def _train(tg, opts, target, x, y, teacher, sha, ckpt_path, report, on_step):
                 order = torch.randperm(n, generator=torch.Generator().manual_seed(opts.seed * 100_003 + epoch))
                 first = start_step if epoch == start_epoch else 0
                 if first == 0:
-                    running = {"loss": 0.0, "correct": 0, "seen": 0}
+                    running = _fresh_running()
                 for step in range(first, steps):
-                    t0 = time.perf_counter()
-                    idx = order[step * opts.batch_size:(step + 1) * opts.batch_size]
-                    xb = x[idx]
-                    out = tg(xb)
-                    if teacher is not None:
-                        task = F.kl_div(F.log_softmax(out, 1), F.log_softmax(teacher[idx], 1), log_target=True,
-                                        reduction="batchmean") if out.dim() == 2 and out.shape[1] > 1 else F.mse_loss(out, teacher[idx])
-                    else:
-                        task = F.cross_entropy(out, y[idx])
+                    step_clock = Stopwatch()
+                    clock.start()
+                    step_clock.start()
+                    batch = order[step * opts.batch_size:(step + 1) * opts.batch_size]
+                    idx = dist.shard(batch).to(device)
+                    out = model(x[idx])
+                    per_sample = loss_fn(out, None if y is None else y[idx], None if teacher is None else teacher[idx],
+                                         method.loss_scale())
+                    # sum / global batch size, times the world size that DDP's gradient average divides by
+                    task = per_sample.sum() * (dist.world / len(batch))
                     global_step = epoch * steps + step
                     pen = method.penalty(global_step)
                     loss = task if pen is None else task + pen
@@ -499,23 +662,29 @@ def _train(tg, opts, target, x, y, teacher, sha, ckpt_path, report, on_step):
                     loss.backward()
                     optimizer.step()
                     method.after_step(global_step)
-                    seconds += time.perf_counter() - t0
-                    running["loss"] += float(task.detach()) * len(idx)
+                    clock.stop()
+                    step_clock.stop()
+                    running["seconds"] += step_clock.wall
+                    running["cpu_seconds"] += step_clock.cpu
+                    running["loss"] += float(per_sample.detach().sum())
                     running["seen"] += len(idx)
                     if y is not None:
                         running["correct"] += int((out.detach().argmax(1) == y[idx]).sum())
                     report("step", epoch=epoch, step=step, loss=float(loss.detach()))
                     if on_step is not None:
                         on_step(epoch, step)
-                    if flag["hit"]:
+                    if dist.any(flag["hit"]):
                         raise KeyboardInterrupt
-                t0 = time.perf_counter()
-                method.end_epoch(epoch)
-                seconds += time.perf_counter() - t0
+                epoch_clock = Stopwatch()
+                with clock, epoch_clock:
+                    method.end_epoch(epoch)
+                running["seconds"] += epoch_clock.wall
+                running["cpu_seconds"] += epoch_clock.cpu
                 L_est, kind = method.estimate()
                 row = {"epoch": epoch, "loss": running["loss"] / max(running["seen"], 1),
                        "train_accuracy": running["correct"] / running["seen"] if y is not None and running["seen"] else None,
-                       "L": L_est, "L_kind": kind}
+                       "L": L_est, "L_kind": kind, "seconds": running["seconds"],
+                       "cpu_seconds": running["cpu_seconds"]}
                 history.append(row)
                 step = 0
                 start_step = 0
@@ -527,8 +696,43 @@ def _train(tg, opts, target, x, y, teacher, sha, ckpt_path, report, on_step):
             done = step + 1 if _step_completed(optimizer, epoch, step, steps) else step
             checkpoint(epoch, done)
             raise TrainingInterrupted(f"interrupted; checkpoint saved to {ckpt_path} (continue with --resume)") from None
-    method.finalize()
-    return history, seconds
+    with clock:
+        method.finalize()
+    return history, clock
+
+
+def _fresh_running() -> dict:
+    return {"loss": 0.0, "correct": 0, "seen": 0, "seconds": 0.0, "cpu_seconds": 0.0}
+
+
+class Stopwatch:
+    """Accumulated wall-clock and process CPU seconds (CPU time is what the benchmark compares:
+    on a shared machine other jobs inflate wall time, not this process's CPU time)."""
+
+    def __init__(self):
+        self.wall = self.cpu = 0.0
+        self._t = None
+
+    def start(self) -> None:
+        self._t = (time.perf_counter(), time.process_time())
+
+    def stop(self) -> None:
+        w, c = self._t
+        self.wall += time.perf_counter() - w
+        self.cpu += time.process_time() - c
+
+    def __enter__(self):
+        self.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    def state(self) -> dict:
+        return {"wall": self.wall, "cpu": self.cpu}
+
+    def load(self, state: dict) -> None:
+        self.wall, self.cpu = float(state["wall"]), float(state["cpu"])
 
 
 def _step_completed(optimizer, epoch, step, steps) -> bool:

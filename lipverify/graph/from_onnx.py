@@ -472,6 +472,8 @@ class OnnxExtractor:
         self.input_shape, self.batched, batches = input_layout(model, input_shape)
         if not model.graph.output:
             raise UserInputError("the ONNX graph declares no output")
+        if len({o.name for o in model.graph.output}) > 1:  # load_onnx keeps only the output chosen to certify
+            raise UserInputError("the ONNX graph has several outputs; choose the one to certify with --graph-output")
         self.output = model.graph.output[0].name
         self.live = live_nodes(model, self.output)
         refuse_statically(self.live, self.input_name)

@@ -25,7 +25,10 @@ import onnx
 import torch
 from onnx import numpy_helper
 
-from lipverify.errors import UserInputError
+from lipverify.errors import LipverifyError, UnsupportedModelError, UnsupportedOperationError, UserInputError
+from lipverify.load.torch_script import check_script_graph, refuse_custom_symbolics
+from lipverify.load.torch_state import is_lipverify_file
+from lipverify.load.torch_watch import ForwardWatch
 
 ONNX_SUFFIXES = {".onnx"}
 TORCHSCRIPT_SUFFIXES = {".pt", ".pth", ".ts", ".jit", ".torchscript"}
@@ -45,6 +48,7 @@ class LoadedModel:
     notes: list[str] = field(default_factory=list)
     data_files: dict[str, str] = field(default_factory=dict)  # external data file -> sha256
     spec: dict | None = None
+    graph_output: str | None = None  # the ONNX graph output certified (ONNX files; torch modules have one)
 
 
 def sha256_file(path: Path) -> str:
@@ -88,9 +92,11 @@ def _fixed_batch(model: onnx.ModelProto) -> int | None:
     return dims[0][0].dim_value if dims and dims[0] and dims[0][0].dim_value else None
 
 
-def onnx_reference(serialized: bytes, dtype, batched: bool, fixed_batch: int | None) -> Callable[[np.ndarray], np.ndarray]:
+def onnx_reference(serialized: bytes, dtype, batched: bool, fixed_batch: int | None,
+                   output: str | None = None) -> Callable[[np.ndarray], np.ndarray]:
     """The model as onnxruntime computes it, on a batch: in chunks of a fixed batch size when the file
-    declares one, one sample at a time when the graph has no batch axis."""
+    declares one, one sample at a time when the graph has no batch axis. ``output``: the graph output
+    returned (by name; default the first)."""
     state: dict = {}
 
     def reference(x: np.ndarray) -> np.ndarray:
@@ -103,25 +109,62 @@ def onnx_reference(serialized: bytes, dtype, batched: bool, fixed_batch: int | N
             state["session"] = ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
         s = state["session"]
         name = s.get_inputs()[0].name
+        wanted = [output] if output is not None else None
         x = np.asarray(x, dtype=dtype)
         if not batched:
-            return np.stack([np.asarray(s.run(None, {name: sample})[0]) for sample in x]) if len(x) else \
+            return np.stack([np.asarray(s.run(wanted, {name: sample})[0]) for sample in x]) if len(x) else \
                 np.zeros((0,))
         if fixed_batch is None or len(x) == fixed_batch:
-            return s.run(None, {name: x})[0]
+            return s.run(wanted, {name: x})[0]
         outs = []
         for i in range(0, len(x), fixed_batch):
             chunk = x[i:i + fixed_batch]
             pad = fixed_batch - len(chunk)
             if pad:
                 chunk = np.concatenate([chunk, np.repeat(chunk[-1:], pad, axis=0)])
-            outs.append(s.run(None, {name: chunk})[0][: fixed_batch - pad])
+            outs.append(s.run(wanted, {name: chunk})[0][: fixed_batch - pad])
         return np.concatenate(outs)
 
     return reference
 
 
-def load_onnx(path: Path, input_shape=None) -> LoadedModel:
+def choose_graph_output(path: Path, model: onnx.ModelProto, graph_output: str | None) -> tuple[onnx.ModelProto, str, list[str]]:
+    """(the model with only the chosen output, its name, notes). A graph with several outputs is refused
+    unless ``--graph-output`` names one: certifying output 0 silently would say nothing about the others."""
+    names = list(dict.fromkeys(o.name for o in model.graph.output))  # a name listed twice is one output
+    if graph_output is None:
+        if len(names) > 1:
+            raise UserInputError(f"{path}: the ONNX graph has {len(names)} outputs ({', '.join(map(repr, names))}); "
+                                 "lipverify certifies one output tensor: choose it with --graph-output NAME")
+        graph_output = names[0]
+    elif graph_output not in names:
+        raise UserInputError(f"--graph-output {graph_output!r}: the ONNX graph has no such output (its outputs: "
+                             f"{', '.join(map(repr, names))})")
+    if len(model.graph.output) == 1:
+        return model, graph_output, []
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    del pruned.graph.output[:]
+    pruned.graph.output.append(next(o for o in model.graph.output if o.name == graph_output))
+    notes = [f"only graph output {graph_output!r} is certified (the graph has {len(names)} outputs: "
+             f"{', '.join(names)})"] if len(names) > 1 else []
+    return pruned, graph_output, notes
+
+
+def overridable_inputs_note(model: onnx.ModelProto) -> list[str]:
+    """Graph inputs that also have an initializer are weights with an overridable default: a runtime may
+    feed them. Older exporters (IR < 4, keep_initializers_as_inputs) list every weight this way, so they
+    are not refused; the certificate says they are fixed to the file's values."""
+    inits = {t.name for t in model.graph.initializer}
+    names = [i.name for i in model.graph.input if i.name in inits]
+    if not names:
+        return []
+    shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+    return [f"{len(names)} graph input(s) have a default value in the file and are certified at that value, as "
+            f"fixed weights: {shown}; a runtime that feeds other values computes another function"]
+
+
+def load_onnx(path: Path, input_shape=None, graph_output: str | None = None) -> LoadedModel:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:  # protobuf DecodeError, onnx errors, ...
@@ -157,8 +200,12 @@ def load_onnx(path: Path, input_shape=None) -> LoadedModel:
 
     dtype = input_dtype(model)
     _, batched, _ = input_layout(model, input_shape)
-    reference = onnx_reference(model.SerializeToString(), dtype, batched, _fixed_batch(model) if batched else None)
-    return LoadedModel(path, "onnx", sha256_file(path), model, reference, input_shape, data_files=data_files)
+    # the reference runs the whole file as it is and returns the chosen output by name
+    chosen_model, chosen, notes = choose_graph_output(path, model, graph_output)
+    reference = onnx_reference(model.SerializeToString(), dtype, batched, _fixed_batch(model) if batched else None,
+                               chosen)
+    return LoadedModel(path, "onnx", sha256_file(path), chosen_model, reference, input_shape,
+                       notes=notes + overridable_inputs_note(model), data_files=data_files, graph_output=chosen)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,27 +234,45 @@ def _constant(value):
 
 
 def _refuse_tracer_warnings(caught) -> None:
+    """The tracer's own warnings (a Python number taken from a traced size or value) refuse the model too;
+    the model's code may not silence them (``torch_watch`` refuses code that names the warning filters)."""
     for w in caught:
         if issubclass(w.category, torch.jit.TracerWarning):
-            raise UserInputError(f"the model's forward cannot be traced faithfully ({str(w.message).splitlines()[0]}): "
-                                 "data-dependent Python control flow or values would be frozen at one input; "
-                                 "refusing to certify a different function")
+            where = "forward" if is_lipverify_file(w.filename) else f"{Path(w.filename).name}:{w.lineno}"
+            raise UnsupportedModelError([UnsupportedOperationError(
+                "TracerWarning", where,
+                f"the model's forward cannot be traced faithfully ({str(w.message).splitlines()[0]}): data-dependent "
+                "Python control flow or values would be frozen at one input; refusing to certify a different "
+                "function")])
 
 
-def check_torch_semantics(module: torch.nn.Module, example: torch.Tensor) -> None:
-    """Refuse torch models whose ONNX export would compute something else than the module: data-dependent
-    Python control flow (the tracer's warnings are errors) and softplus thresholds whose jump is larger
-    than float32 rounding (the exported ONNX Softplus is smooth)."""
+def _trace(module: torch.nn.Module, example: torch.Tensor, watch: ForwardWatch):
+    """The TorchScript graph of the module: its own for TorchScript, else a trace watched like every call."""
     if isinstance(module, torch.jit.ScriptModule):
-        graph = module.inlined_graph
-    else:
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always")
-            try:
-                graph = torch.jit.trace(module, (example,), check_trace=False).inlined_graph
-            except Exception as exc:
-                raise UserInputError(f"could not trace the model: {type(exc).__name__}: {exc}".split("\n")[0]) from exc
-        _refuse_tracer_warnings(caught)
+        return module.inlined_graph
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            traced = watch.run("tracing", lambda x: torch.jit.trace(module, (x,), check_trace=False), example,
+                               compare=True)
+        except LipverifyError:
+            raise
+        except Exception as exc:
+            raise UserInputError(f"could not trace the model: {type(exc).__name__}: {exc}".split("\n")[0]) from exc
+    _refuse_tracer_warnings(caught)
+    return traced.inlined_graph
+
+
+def check_torch_semantics(module: torch.nn.Module, example: torch.Tensor, watch: ForwardWatch | None = None) -> None:
+    """Refuse torch models whose ONNX export would compute something else than the module: forward calls
+    that are not faithful to trace (``torch_watch``; tracer warnings are errors too) and softplus
+    thresholds whose jump is larger than float32 rounding (the exported ONNX Softplus is smooth)."""
+    if watch is None:
+        watch = ForwardWatch(module)
+        with torch.no_grad():
+            watch.run("a call of the module", lambda x: module(x), example)
+    with torch.no_grad():
+        graph = _trace(module, example, watch)
     for node in _graph_nodes(graph):
         if node.kind() == "aten::softplus":
             args = list(node.inputs())
@@ -223,15 +288,59 @@ def check_torch_semantics(module: torch.nn.Module, example: torch.Tensor) -> Non
 
 
 def torch_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+    """Export a torch module to ONNX, refusing it unless the export computes what the module computes: every
+    call lipverify makes of forward (an eager call, the trace, the export) is watched (``torch_watch``)."""
     example = torch.randn((2,) + tuple(input_shape))
-    check_torch_semantics(module, example)
-    buffer = io.BytesIO()
+    scripted = isinstance(module, torch.jit.ScriptModule)
+    if scripted:  # its graph inlines its submodules
+        check_script_graph(module, 1 + len(input_shape))
+    else:
+        for m in _outermost_scripted(module):  # scripted parts of a Python module (their input rank unknown: 0)
+            check_script_graph(m, 0)
+    warn = torch._C._jit_get_tracer_state_warn()
+    torch._C._jit_set_tracer_state_warn(True)  # the model's import may have turned the tracer's warnings off
     try:
-        with warnings.catch_warnings(record=True) as caught:
+        return _export_watched(module, example, scripted)
+    finally:
+        torch._C._jit_set_tracer_state_warn(warn)
+
+
+def _outermost_scripted(module: torch.nn.Module) -> list:
+    if isinstance(module, torch.jit.ScriptModule):
+        return [module]
+    return [m for child in module.children() for m in _outermost_scripted(child)]
+
+
+def _export_watched(module: torch.nn.Module, example: torch.Tensor, scripted: bool) -> onnx.ModelProto:
+    input_shape = tuple(example.shape[1:])
+    watch = ForwardWatch(module)
+    with torch.no_grad():
+        try:
+            watch.run("a call of the module", lambda x: module(x), example)
+        except LipverifyError:
+            raise
+        except Exception as exc:  # the module's own error on this input shape
+            raise UserInputError(f"the model fails on input shape {tuple(input_shape)}: "
+                                 f"{type(exc).__name__}: {exc}".split("\n")[0]) from exc
+    check_torch_semantics(module, example, watch)
+    refuse_custom_symbolics()
+    buffer = io.BytesIO()
+
+    def export(x):
+        torch.onnx.export(module, (x,), buffer, dynamo=False, opset_version=EXPORT_OPSET,
+                          input_names=["input"], output_names=["output"],
+                          dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+
+    try:
+        with warnings.catch_warnings(record=True) as caught, torch.no_grad():
             warnings.simplefilter("always")
-            torch.onnx.export(module, (example,), buffer, dynamo=False, opset_version=EXPORT_OPSET,
-                              input_names=["input"], output_names=["output"],
-                              dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}})
+            if scripted:  # TorchScript is exported from its graph, no Python runs
+                export(example.clone())
+                watch.check_state("the ONNX export")
+            else:
+                watch.run("the ONNX export", export, example, compare=True)
+    except LipverifyError:
+        raise
     except Exception as exc:
         raise UserInputError(f"could not trace the model on input shape {tuple(input_shape)}: "
                              f"{type(exc).__name__}: {exc}".split("\n")[0]) from exc
@@ -241,10 +350,10 @@ def torch_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx
 
 def _torch_reference(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
     def reference(x: np.ndarray) -> np.ndarray:
-        with torch.no_grad():
-            out = module(torch.from_numpy(np.asarray(x, dtype=np.float32)))
-        if isinstance(out, (tuple, list)):
-            out = out[0]
+        with torch.no_grad():  # a copy: an in-place first layer must not overwrite the caller's array
+            out = module(torch.from_numpy(np.array(x, dtype=np.float32, copy=True)))
+        if not isinstance(out, torch.Tensor):
+            raise UserInputError(f"the module returns {type(out).__name__}, not one tensor")
         return out.detach().float().numpy()
 
     return reference
@@ -330,7 +439,8 @@ def load_module(path: Path, factory: str, input_shape=None) -> LoadedModel:
     return _from_torch(path, "module", module, input_shape, [f"built by {factory}"], sha256_file(path))
 
 
-def load_model(path, input_shape=None, spec_path=None, activation="relu", factory=None) -> LoadedModel:
+def load_model(path, input_shape=None, spec_path=None, activation="relu", factory=None,
+               graph_output: str | None = None) -> LoadedModel:
     path = Path(path)
     if not path.exists():
         raise UserInputError(f"{path}: no such file")
@@ -338,11 +448,13 @@ def load_model(path, input_shape=None, spec_path=None, activation="relu", factor
         raise UserInputError(f"{path}: is a directory, expected a model file")
     if isinstance(input_shape, str):
         input_shape = parse_shape(input_shape)
+    suffix = path.suffix.lower()
+    if graph_output is not None and (factory or suffix not in ONNX_SUFFIXES):
+        raise UserInputError("--graph-output applies to ONNX files; a torch module must return one output tensor")
     if factory:
         return load_module(path, factory, input_shape)
-    suffix = path.suffix.lower()
     if suffix in ONNX_SUFFIXES:
-        return load_onnx(path, input_shape)
+        return load_onnx(path, input_shape, graph_output)
     if suffix in SAFETENSORS_SUFFIXES:
         return load_safetensors(path, input_shape, spec_path, activation)
     if suffix in TORCHSCRIPT_SUFFIXES:

@@ -164,7 +164,7 @@ def summary_line(cert: dict) -> str:
                 text += f"; {gate_check(g)}"
     cuts = (cert.get("run") or {}).get("cut_by_budget") or []
     if cuts:
-        text += f"; {len(cuts)} cut(s) by --budget-s (see the JSON run.cut_by_budget)"
+        text += f"; {len(cuts)} cut(s) by a time budget (see the JSON run.cut_by_budget)"
     return text
 
 

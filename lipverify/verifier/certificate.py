@@ -107,11 +107,12 @@ def _verify_entry(graph, name: str, entry: dict) -> tuple[float, str]:
 
 
 def check_certificate(cert_path, model_path, input_shape=None, spec=None, activation="relu", factory=None,
-                      data_path=None, ignore_data: bool = False) -> CheckReport:
+                      data_path=None, ignore_data: bool = False, graph_output: str | None = None) -> CheckReport:
     """Raise CertificateInvalid when the certificate does not hold; UserInputError for bad input."""
     from lipverify.graph.build import build_graph
     from lipverify.graph.transform import select_output
     from lipverify.load import load_model
+    from lipverify.load.identity import architecture_identity, identity_differences
     from lipverify.load.model import sha256_file
 
     cert = read_certificate(cert_path)
@@ -136,7 +137,25 @@ def check_certificate(cert_path, model_path, input_shape=None, spec=None, activa
     report.passed("model file sha256", digest[:16] + "…")
 
     shape = input_shape or tuple(cert["model"].get("input_shape") or ()) or None
-    loaded = load_model(model_path, shape, spec, activation, factory)
+    claimed_output = cert["model"].get("graph_output")
+    if claimed_output is not None and not isinstance(claimed_output, str):
+        raise UserInputError(f"{cert_path}: the certificate's graph_output entry is malformed")
+    if graph_output is not None and graph_output != claimed_output:
+        raise CertificateInvalid(f"the certificate is about graph output {claimed_output!r}, not {graph_output!r}")
+    # without a graph_output entry (older certificates) only a single-output ONNX file loads
+    loaded = load_model(model_path, shape, spec, activation, factory, claimed_output)
+    if loaded.graph_output is not None:
+        report.passed("graph output", f"{loaded.graph_output!r} (the output the certificate names)")
+    recorded = cert["model"].get("architecture")
+    if not isinstance(recorded, dict):
+        raise CertificateInvalid("the certificate does not record the model's architecture (spec, factory code): "
+                                 "it was made by an older lipverify; certify the model again")
+    differences = identity_differences(recorded, architecture_identity(loaded, factory))
+    if differences:
+        raise CertificateInvalid("the model is not built the way it was certified (pass the same --spec, "
+                                 "--activation and --factory as certify, with unchanged code): " + "; ".join(differences))
+    report.passed("architecture", ", ".join(f"{k} {str(v)[:16]}" for k, v in recorded.items() if k != "factory_sources")
+                  + (f", {len(recorded['factory_sources'])} factory source file(s) hashed" if "factory_sources" in recorded else ""))
     graph, check = build_graph(loaded)
     report.passed("graph re-extracted and self-checked",
                   f"max |graph - model| = {check['max_abs_diff']:.2g} on {check['samples']} probe inputs")
@@ -162,14 +181,14 @@ def check_certificate(cert_path, model_path, input_shape=None, spec=None, activa
                                  f"verified value ({verified[best]!r}, method {best!r})")
     what = f"of output {cert['output']} only" if cert.get("output") is not None else "of the whole output"
     report.passed("certified_bound", f"{headline:.6g} = the smallest verified bound ({cert['method']}), {what}")
-    _check_lower(cert, headline, report)
+    _check_lower(cert, headline, loaded, report)
     data_ok = _check_data(cert, full_graph, loaded, data_path, ignore_data, report)
     _check_gates(cert, headline, data_ok, report)
     report.informational = [k for k in INFORMATIONAL if k.split("[")[0].split(".")[0] in cert]
     return report
 
 
-def _check_lower(cert: dict, headline: float, report: CheckReport) -> None:
+def _check_lower(cert: dict, headline: float, loaded, report: CheckReport) -> None:
     lower = cert.get("lower_bound")
     if lower is None:
         return
@@ -180,6 +199,49 @@ def _check_lower(cert: dict, headline: float, report: CheckReport) -> None:
     ratio = cert.get("ratio")
     if ratio is not None and headline > 0 and abs(_number(ratio, "ratio") - lower / headline) > 1e-12:
         raise CertificateInvalid(f"ratio {ratio!r} is not lower_bound / certified_bound")
+    if lower == 0:
+        return
+    # the lower bound claims a difference quotient of the file (minus a rounding allowance) at a stored
+    # pair: recompute the quotient on the file itself (an inflated lower bound would fake tightness)
+    search = cert.get("lower_bound_search")
+    pair = search.get("pair") if isinstance(search, dict) else None
+    if not isinstance(pair, dict):
+        raise CertificateInvalid("lower_bound > 0 but the pair of inputs it was measured at is missing")
+    shape = tuple(cert["model"].get("input_shape") or ())
+    x, y = (_decode_input(pair.get(k), shape, f"lower_bound_search.pair.{k}") for k in ("x", "y"))
+    batch = search.get("batch_size", 1)
+    if batch not in (1, 2):
+        raise CertificateInvalid(f"lower_bound_search.batch_size {batch!r} must be 1 or 2")
+    both = np.stack([x, y])
+    out = (np.concatenate([np.asarray(loaded.reference(both[i:i + 1])) for i in range(2)]) if batch == 1
+           else np.asarray(loaded.reference(both)))
+    out = out.astype(np.float64).reshape(2, -1)
+    if cert.get("output") is not None:
+        out = out[:, int(cert["output"]):int(cert["output"]) + 1]
+    dist = float(np.linalg.norm(x.astype(np.float64) - y.astype(np.float64)))
+    quotient = float(np.linalg.norm(out[0] - out[1])) / dist if dist > 0 else 0.0
+    if not lower <= quotient * (1 + 1e-6):
+        raise CertificateInvalid(f"lower_bound {lower!r} exceeds the file's difference quotient {quotient!r} at the "
+                                 "stored pair")
+    report.passed("lower bound", f"{lower:.6g} <= the file's difference quotient {quotient:.6g} at the stored pair")
+
+
+def _decode_input(entry, shape: tuple, what: str) -> np.ndarray:
+    import base64
+    import binascii
+
+    if not isinstance(entry, dict) or not isinstance(entry.get("base64"), str) or entry.get("shape") != list(shape):
+        raise CertificateInvalid(f"{what} is malformed or not of the input shape {list(shape)}")
+    try:
+        raw = base64.b64decode(entry["base64"], validate=True)
+    except (binascii.Error, ValueError) as exc:
+        raise CertificateInvalid(f"{what}: invalid base64") from exc
+    if len(raw) != 4 * int(np.prod(shape)):
+        raise CertificateInvalid(f"{what}: {len(raw)} bytes for the input shape {list(shape)}")
+    a = np.frombuffer(raw, dtype="<f4").reshape(shape).astype(np.float32)
+    if not np.isfinite(a).all():
+        raise CertificateInvalid(f"{what}: not finite")
+    return a
 
 
 def _check_gates(cert: dict, headline: float, data_ok: bool, report: CheckReport) -> None:
@@ -228,7 +290,8 @@ def _data_spec(claimed: dict, data_path):
 # not verified instead of calling them valid.
 INFORMATIONAL = ("timings", "versions", "self_check", "notes", "verification", "device", "method_reason",
                  "methods[*].seconds", "methods[*].check", "methods[*].info", "methods[*].layers", "layers (per-layer table)",
-                 "data.pgd_check", "data.seconds", "data.pairwise_methods")
+                 "data.pgd_check", "data.seconds", "data.pairwise_methods",
+                 "lower_bound_search (all but the pair, which is re-measured)")
 
 
 def _check_data(cert: dict, graph, loaded, data_path, ignore_data: bool, report: CheckReport) -> bool:
@@ -242,9 +305,9 @@ def _check_data(cert: dict, graph, loaded, data_path, ignore_data: bool, report:
             return False
         raise CertificateInvalid("the certificate claims results on data (certified accuracy, radii) that were not "
                                  "verified: pass --data FILE (the same data) to recompute them, or --ignore-data")
-    from lipverify.data import DataSpec, data_sha256, iter_batches, sample_indices
+    from lipverify.data import data_sha256, iter_batches, sample_indices
     from lipverify.graph.transform import output_dim, pairwise_difference
-    from lipverify.radii import LOGIT_REL_TOL, compute_radii, model_logits, summarize
+    from lipverify.radii import compute_radii, logit_tolerances, model_logits, summarize
 
     if data_sha256(data_path) != claimed.get("sha256"):
         raise CertificateInvalid(f"the data file {data_path} is not the one the certificate was made with (sha256)")
@@ -284,14 +347,17 @@ def _check_data(cert: dict, graph, loaded, data_path, ignore_data: bool, report:
     for x, y in iter_batches(spec, tuple(graph.input_shape)):
         logits.append(model_logits(loaded.reference, x.numpy()))
         ys.append(y.numpy())
+        xs.append(x.numpy())
     if not ys:
         raise CertificateInvalid("data: the data file holds no samples")
     f, labels = np.concatenate(logits), np.concatenate(ys)
-    tol = LOGIT_REL_TOL * (1.0 + float(np.abs(f).max()))
-    result = compute_radii(f, labels, L_global, L_pair, eps, index=sample_indices(spec), logit_tol=tol)
+    tol, reach = logit_tolerances(graph, xs, f, labels, L_global, L_pair)
+    result = compute_radii(f, labels, L_global, L_pair, eps, index=sample_indices(spec), logit_tol=tol,
+                           max_radius=reach)
     mine = summarize(result, eps)
-    if claimed.get("logit_tolerance") != tol:
-        raise CertificateInvalid(f"data: logit tolerance {claimed.get('logit_tolerance')!r}, recomputed {tol!r}")
+    if claimed.get("logit_tolerance") != float(tol.max()):
+        raise CertificateInvalid(f"data: logit tolerance {claimed.get('logit_tolerance')!r}, recomputed "
+                                 f"{float(tol.max())!r}")
     if claimed.get("curve") != mine["curve"]:
         raise CertificateInvalid("data: the certified-accuracy curve differs from the recomputed one")
     if claimed.get("form") != mine["form"]:
