@@ -7,6 +7,7 @@ on the FILE itself (onnxruntime), not on lipverify's extraction of it.
 
 from __future__ import annotations
 
+import base64
 import copy
 import json
 import math
@@ -665,4 +666,27 @@ def test_check_remeasures_the_lower_bound_on_the_file(tmp_path):
     del forged["lower_bound_search"]["pair"]
     path.write_text(json.dumps(forged))
     with pytest.raises(CertificateInvalid, match="pair of inputs"):
+        check_certificate(path, FIXTURES / "mlp.onnx")
+
+
+def test_check_refuses_a_lower_bound_from_a_pair_inside_the_rounding(tmp_path):
+    """A forger claims lower_bound = certified_bound (ratio 1, "tight") from a pair one float32 ulp apart:
+    its raw quotient is rounding noise, far above the bound. check subtracts the rounding allowance."""
+    from lipverify.attack.engine import encode
+
+    cert = certify(FIXTURES / "mlp.onnx", CertifyOptions(method="product", lower_starts=2, lower_effort=0.25))
+    # found by a random search over 2-ulp moves of one pixel: the file's raw quotient there is ~2400
+    x = np.frombuffer(base64.b64decode("RI3nPhSfAD+E4yQ/wEdFPA9qOD9ebmI/qYYDP0k/cj/86+o+zybHPonVFj/1LQg+Fg98P5DuSD5e+GM+v8shPxiipT70Kc8+6nkwPU8+Gj8NtiA/UkzhPuCAHT/03I49BbdfP797TD8JcGs/Etb5Pu6PQz9tUEs/0TpXPyUHbT2UNvI+vl+1PmKGNj9sznQ/pU46P2nNaT+yuC0/CruvPrtGDj/yzCM/gv3uPsnuCT8qQ0M+94oNPCmqbj8TEvs6TihkP/Qe2T4UqvQ+So5NPhMmxj7NuCQ/un9sP7YQ7z6uMWA9gFv2O01MET8pof4896D0PogX7T7PmBA/aGbrPA=="), dtype="<f4").reshape(1, 8, 8).copy()
+    y = x.copy()
+    for _ in range(2):
+        y[0, 7, 1] = np.nextafter(y[0, 7, 1], np.float32(1e9))
+    raw = np.linalg.norm(file_outputs(FIXTURES / "mlp.onnx", y[None]) - file_outputs(FIXTURES / "mlp.onnx", x[None]))
+    assert raw / np.linalg.norm(y.astype(np.float64) - x.astype(np.float64)) > 10 * cert["certified_bound"]
+    forged = copy.deepcopy(cert)
+    forged["lower_bound"], forged["ratio"] = cert["certified_bound"], 1.0
+    forged["lower_bound_search"]["pair"] = {"x": encode(x), "y": encode(y)}
+    forged["lower_bound_search"]["batch_size"] = 1
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(forged))
+    with pytest.raises(CertificateInvalid, match="rounding-corrected difference quotient"):
         check_certificate(path, FIXTURES / "mlp.onnx")
