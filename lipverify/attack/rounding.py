@@ -23,52 +23,28 @@ so we report (||f32(x) - f32(y)|| - t(x) - t(y)) / ||x - y|| with t(x) >= ||e(x)
 
 from __future__ import annotations
 
-import copy
 
 import numpy as np
 import torch
 
+from lipverify.graph.check import EPS32, TOL_FACTOR, magnitudes
 from lipverify.graph.ir import Graph
 
-EPS32 = float(np.finfo(np.float32).eps)
-TOL_FACTOR = 64.0  # the self-check's factor (a passing self-check sees less than a fifth of it)
+# the self-check's factor and eps (a passing self-check sees less than a fifth of the factor)
 MEASURED = 2.0
 RELATIVE = 8.0
 FLOOR = 1e-30  # outputs that are exactly representable still get a nonzero allowance
 
 
-def _abs_graph(graph: Graph) -> Graph:
-    """A copy of the graph with every floating weight replaced by its absolute value (and Sub by Add)."""
-    from lipverify.ops.merge import Add
-
-    g = copy.deepcopy(graph)
-    for n in g.nodes:
-        if getattr(n.op, "kind", "") == "Sub":
-            n.op = Add()
-            continue
-        for name, value in vars(n.op).items():
-            if isinstance(value, torch.Tensor) and value.is_floating_point():
-                setattr(n.op, name, value.abs())
-    return g
-
-
 class OutputTolerance:
     """t(x) >= ||f32(x) - f(x)||_2 per sample, for inputs x exactly as the file sees them (float32).
 
-    M(x) comes from the self-check's op-by-op rule (``graph.check.magnitudes``) where the graph
-    package has it, and otherwise from the graph run with absolute weights on |x| (the same bound for
-    the ops of a dense, convolutional or residual network: linear maps, nonnegative pooling, monotone
-    activations). ``graph`` must have the outputs the file model returns (one selected logit or all)."""
+    M(x) comes from the self-check's op-by-op rule (``graph.check.magnitudes``). ``graph`` must have
+    the outputs the file model returns (one selected logit or all)."""
 
     def __init__(self, graph: Graph):
         self.graph = graph
-        try:
-            from lipverify.graph.check import magnitudes as op_magnitudes  # type: ignore[attr-defined]
-        except ImportError:
-            abs_graph = _abs_graph(graph)
-            self._magnitudes = lambda x: abs_graph.forward(x.abs())
-        else:
-            self._magnitudes = lambda x: op_magnitudes(graph, x)
+        self._magnitudes = lambda x: magnitudes(graph, x)
 
     def __call__(self, x: np.ndarray, f32: np.ndarray) -> np.ndarray:
         """t per sample (shape (n,)) for inputs x exactly as the file saw them and its outputs f32 there."""

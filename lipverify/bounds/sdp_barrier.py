@@ -150,10 +150,7 @@ def _newton(families, x, n, objective, tau, shift, lower, max_steps, stop_when=N
         steps += 1
         if dec2 / 2 < 1e-7:
             break
-        alpha = 1.0
-        neg = (step < 0) & free
-        if bool(neg.any()):
-            alpha = min(1.0, 0.99 * float((-x[neg] / step[neg]).min()))
+        alpha = _step_to_boundary(x, step, free)
         accepted = False
         while alpha > 1e-12:
             z = x + alpha * step
@@ -310,10 +307,7 @@ def _newton_reduced(families, elim, x, n, objective, tau, max_steps):
         if dec2 / 2 < 1e-7:
             break
         step = torch.cat([dy[:o], torch.zeros(1, dtype=torch.float64), dy[o:]])
-        alpha = 1.0
-        neg = (step < 0) & free
-        if bool(neg.any()):
-            alpha = min(1.0, 0.99 * float((-x[neg] / step[neg]).min()))
+        alpha = _step_to_boundary(x, step, free)
         accepted = False
         while alpha > 1e-12:
             cand = x + alpha * step
@@ -657,3 +651,12 @@ def solve_pd(families: list[Family], n_vars: int, objective: int, x0: torch.Tens
         states, x, z = moved
     info["history_len"] = len(history)
     return SolveResult(x=x, history=history, info=info)
+
+
+def _step_to_boundary(x: torch.Tensor, step: torch.Tensor, free: torch.Tensor) -> float:
+    """The largest step length <= 1 that keeps the barrier coordinates (``free``) of x positive,
+    shortened to 99 % of the way to the boundary."""
+    neg = (step < 0) & free
+    if not bool(neg.any()):
+        return 1.0
+    return min(1.0, 0.99 * float((-x[neg] / step[neg]).min()))

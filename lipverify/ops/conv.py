@@ -26,14 +26,11 @@ class Conv(LinearOp):
         return conv_apply(x, self.weight, self.stride, self.pads, self.dilation, self.groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.apply(x)
-        if self.bias is not None:
-            y = y + self.bias.reshape((1, -1) + (1,) * (y.dim() - 2))
-        return y
+        return _add_channel_bias(self.apply(x), self.bias)
 
     def magnitude(self, m, x):
         y = conv_apply(m, self.weight.abs(), self.stride, self.pads, self.dilation, self.groups)
-        return y if self.bias is None else y + self.bias.abs().reshape((1, -1) + (1,) * (y.dim() - 2))
+        return _add_channel_bias(y, None if self.bias is None else self.bias.abs())
 
     def factor(self, in_shape, device="cpu") -> NormResult:
         return conv_norm(self.weight, tuple(in_shape), self.stride, self.pads, self.dilation,
@@ -87,10 +84,7 @@ class ConvTranspose(LinearOp):
         return y[index]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.apply(x)
-        if self.bias is not None:
-            y = y + self.bias.reshape((1, -1) + (1,) * (y.dim() - 2))
-        return y
+        return _add_channel_bias(self.apply(x), self.bias)
 
     def magnitude(self, m, x):
         w, self.weight = self.weight, self.weight.abs()
@@ -98,7 +92,7 @@ class ConvTranspose(LinearOp):
             y = self.apply(m)
         finally:
             self.weight = w
-        return y if self.bias is None else y + self.bias.abs().reshape((1, -1) + (1,) * (y.dim() - 2))
+        return _add_channel_bias(y, None if self.bias is None else self.bias.abs())
 
     def adjoint_conv(self, out_shape) -> tuple[Conv, tuple[int, ...]]:
         """(conv, its input shape) with ||conv|| >= ||this op|| (equal when every end pad >= output_padding)."""
@@ -121,3 +115,8 @@ class ConvTranspose(LinearOp):
         c, o = self.weight.shape[0], self.weight.shape[1] * self.groups
         k = "×".join(str(s) for s in self.weight.shape[2:])
         return f"ConvTranspose {c}→{o} k{k}" + (f" s{self.stride[0]}" if any(s != 1 for s in self.stride) else "")
+
+
+def _add_channel_bias(y: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """y + bias broadcast over the batch and spatial axes (channels on axis 1)."""
+    return y if bias is None else y + bias.reshape((1, -1) + (1,) * (y.dim() - 2))

@@ -16,7 +16,6 @@ An auditor's command. Nothing in the certificate is trusted except as a claim to
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -51,17 +50,10 @@ def _number(value, what: str) -> float:
 
 
 def read_certificate(path) -> dict:
+    from lipverify.fileio import read_json_object
+
     path = Path(path)
-    if not path.is_file():
-        raise UserInputError(f"{path}: no such certificate file")
-    try:
-        cert = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise UserInputError(f"{path}: not a JSON certificate ({type(exc).__name__})")
-    except OSError as exc:
-        raise UserInputError(f"{path}: cannot read it ({exc.strerror or exc})")
-    if not isinstance(cert, dict):
-        raise UserInputError(f"{path}: not a certificate (expected a JSON object)")
+    cert = read_json_object(path, "certificate file")
     version = cert.get("schema_version")
     if not isinstance(version, str) or version not in SUPPORTED_SCHEMAS:
         raise UserInputError(f"{path}: schema_version {version!r} is not checkable (need one of "
