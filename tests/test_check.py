@@ -5,6 +5,8 @@ from __future__ import annotations
 import copy
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 from typer.testing import CliRunner
@@ -13,6 +15,9 @@ from conftest import FIXTURES
 from lipverify.certify import CertifyOptions, certify
 from lipverify.verifier.certificate import CertificateInvalid, check_certificate
 from lipverify.cli import app
+from lipverify.data import DataSpec
+from lipverify.robustness import DataOptions
+from test_verifier import METHOD_PACKAGES
 
 runner = CliRunner()
 
@@ -42,6 +47,41 @@ def test_honest_certificates_pass(certs, name):
     report = check_certificate(_write(d, cert), model)
     assert report.steps[0][0] == "model file sha256"
     assert any(step.startswith("method ") for step, _ in report.steps)
+
+
+CHECK_IN_A_FRESH_PROCESS = """
+import json, sys
+from lipverify.verifier.certificate import check_certificate
+cert, model, data = sys.argv[1:4]
+check_certificate(cert, model, data_path=data or None)
+print(json.dumps(sorted(m for m in sys.modules if m.startswith("lipverify"))))
+"""
+
+
+def _modules_loaded_by_check(cert_path, model, data=None) -> list[str]:
+    run = subprocess.run([sys.executable, "-c", CHECK_IN_A_FRESH_PROCESS, str(cert_path), str(model), str(data or "")],
+                         capture_output=True, text=True, check=True)
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn_bn", "resmlp", "mlp with data"])
+def test_check_never_loads_a_method_module(certs, name):
+    """test_verifier's import rule at run time, through the lazy imports of loading, extraction and data:
+    a whole `check` (every method's witness, the lower bound, results on data) runs in a fresh
+    interpreter without one module of the methods it checks."""
+    d, all_certs = certs
+    data = None
+    if name == "mlp with data":
+        model, data = all_certs["mlp"][0], FIXTURES / "digits_test.npz"
+        cert = certify(model, CertifyOptions(method="product", lower_starts=2, lower_effort=0.25,
+                                             data=DataOptions(DataSpec(str(data), limit=40), eps=[0.1],
+                                                              attack_samples=2)))
+    else:
+        model, cert = all_certs[name]
+    loaded = _modules_loaded_by_check(_write(d, cert, "fresh.json"), model, data)
+    assert "lipverify.verifier.certificate" in loaded and "lipverify.graph.build" in loaded
+    assert data is None or "lipverify.radii" in loaded
+    assert not [m for m in loaded if m.startswith(METHOD_PACKAGES)]
 
 
 def _tampered_factor(cert, scale):

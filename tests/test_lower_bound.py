@@ -17,7 +17,7 @@ from conftest import FIXTURES, export_onnx
 from lipverify.attack import decode, lower_bound, recompute
 from lipverify.attack.engine import Plan
 from lipverify.attack.evaluate import FileModel
-from lipverify.attack.rounding import OutputTolerance
+from lipverify.graph.rounding import OutputTolerance
 from lipverify.certify import CertifyOptions, build_graph, certify
 from lipverify.errors import SoundnessError, UserInputError
 from lipverify.graph.ir import Graph, Node

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from lipverify.attack.evaluate import Budget, BudgetExhausted, FileModel
-from lipverify.attack.rounding import OutputTolerance
+from lipverify.graph.rounding import OutputTolerance
 from lipverify.attack.search import STEP_SCALES, bshape, pair_ascent, top_singular, top_singular_block, unit
 from lipverify.graph.ir import Graph
 

@@ -9,9 +9,9 @@ covers that with a factor of 1000 to spare and leaves room for the verifier's ri
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
+
+from lipverify.ops.base import NormResult  # noqa: F401  (the result type of every norm; defined with the ops)
 
 EPS64 = float(np.finfo(np.float64).eps)
 REL_MARGIN_PER_DIM = 1000.0
@@ -33,16 +33,3 @@ def inflate(value: float, dim: int) -> float:
     """Round a computed upper bound outward by the documented margin."""
     value = float(value)
     return value * (1.0 + relative_margin(dim)) + 1e-300
-
-
-@dataclass
-class NormResult:
-    """A certified upper bound on an operator norm with a lower estimate beside it."""
-
-    upper: float  # certified (already inflated by the margin)
-    lower: float  # a true lower bound / estimate (e.g. power iteration), never above the true norm
-    method: str  # how ``upper`` was obtained, e.g. "exact SVD", "FFT symbol bound"
-
-    @property
-    def gap(self) -> float:
-        return self.upper / self.lower if self.lower > 0 else float("inf")

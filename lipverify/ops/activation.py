@@ -21,8 +21,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lipverify.norms.margin import NormResult
-from lipverify.ops.base import Op
+from lipverify.ops.base import NormResult, Op
 
 OUTWARD = 1e-12  # outward rounding of closed-form slope bounds (far above float64 error)
 

@@ -12,11 +12,23 @@ bound classes each know their bound: adding an operation is adding one class.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 
-from lipverify.norms.margin import NormResult
+
+@dataclass
+class NormResult:
+    """A certified upper bound on an operator norm with a lower estimate beside it."""
+
+    upper: float  # certified (already inflated by the margin)
+    lower: float  # a true lower bound / estimate (e.g. power iteration), never above the true norm
+    method: str  # how ``upper`` was obtained, e.g. "exact SVD", "FFT symbol bound"
+
+    @property
+    def gap(self) -> float:
+        return self.upper / self.lower if self.lower > 0 else float("inf")
 
 
 class Op:

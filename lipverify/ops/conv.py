@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from lipverify.norms.conv import conv_apply, conv_norm
-from lipverify.norms.margin import NormResult
-from lipverify.ops.base import LinearOp
+from lipverify.ops.base import LinearOp, NormResult
+from lipverify.ops.conv_map import conv_apply
 
 
 class Conv(LinearOp):
@@ -33,6 +32,8 @@ class Conv(LinearOp):
         return _add_channel_bias(y, None if self.bias is None else self.bias.abs())
 
     def factor(self, in_shape, device="cpu") -> NormResult:
+        from lipverify.norms.conv import conv_norm  # lazily: the verifier never runs norm methods
+
         return conv_norm(self.weight, tuple(in_shape), self.stride, self.pads, self.dilation,
                          self.groups, device=device)
 

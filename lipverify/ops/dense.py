@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lipverify.norms.dense import dense_norm
-from lipverify.norms.margin import NormResult
-from lipverify.ops.base import LinearOp, Op
+from lipverify.ops.base import LinearOp, NormResult, Op
 
 
 class Dense(LinearOp):
@@ -29,6 +27,8 @@ class Dense(LinearOp):
         return y if self.bias is None else y + self.bias
 
     def factor(self, in_shape, device="cpu") -> NormResult:
+        from lipverify.norms.dense import dense_norm  # lazily: the verifier never runs norm methods
+
         return dense_norm(self.weight, device=device)
 
     def magnitude(self, m, x):
@@ -52,6 +52,8 @@ class LeftMatMul(LinearOp):
         return torch.matmul(self.matrix.to(x.dtype), x)
 
     def factor(self, in_shape, device="cpu") -> NormResult:
+        from lipverify.norms.dense import dense_norm  # lazily: the verifier never runs norm methods
+
         return dense_norm(self.matrix, device=device)
 
     def magnitude(self, m, x):

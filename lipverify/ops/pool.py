@@ -11,9 +11,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from lipverify.norms.conv import conv_norm
-from lipverify.norms.margin import NormResult, inflate
-from lipverify.ops.base import LinearOp, Op
+from lipverify.ops.base import LinearOp, NormResult, Op
 
 
 def _torch_pads(onnx_pads: tuple[int, ...]) -> tuple[int, ...]:
@@ -87,6 +85,10 @@ class AvgPool(LinearOp):
         return sums / self._counts(spatial, x.dtype, x.device)
 
     def factor(self, in_shape, device="cpu") -> NormResult:
+        # lazily: the verifier runs ops but never their norm methods
+        from lipverify.norms.conv import conv_norm
+        from lipverify.norms.margin import inflate
+
         spatial = tuple(in_shape[1:])
         counts = self._counts(spatial, torch.float64, device)
         inv_max = float((1.0 / counts).max())
@@ -119,6 +121,8 @@ class MaxPool(Op):
         return pool(xp, self.window.kernel, self.window.stride, 0, self.window.dilation)
 
     def factor(self, in_shape, device="cpu") -> NormResult:
+        from lipverify.norms.margin import inflate  # lazily: the verifier never runs norm methods
+
         spatial = tuple(in_shape[1:])
         # how many windows contain each input position = adjoint of the window-sum map applied to ones
         x = torch.zeros((1, 1) + spatial, dtype=torch.float64, requires_grad=True)
@@ -151,6 +155,8 @@ class Reduce(LinearOp):
         return out
 
     def factor(self, in_shape, device="cpu") -> NormResult:
+        from lipverify.norms.margin import inflate  # lazily: the verifier never runs norm methods
+
         n = math.prod(in_shape[a] for a in self.axes)
         # mean of n entries: the row (1/n,...,1/n) has norm 1/sqrt(n); a sum has sqrt(n)
         value = 1.0 / math.sqrt(n) if self.mean else math.sqrt(n)

@@ -10,8 +10,7 @@ import math
 
 import torch.nn.functional as F
 
-from lipverify.norms.margin import NormResult
-from lipverify.ops.base import LinearOp, Op
+from lipverify.ops.base import LinearOp, NormResult, Op
 
 _ONE = NormResult(upper=1.0, lower=1.0, method="exact (permutation/isometry)")
 

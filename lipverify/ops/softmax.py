@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from lipverify.norms.margin import NormResult
-from lipverify.ops.base import Op
+from lipverify.ops.base import NormResult, Op
 
 
 class Softmax(Op):

@@ -213,7 +213,7 @@ def _check_lower(cert: dict, headline: float, loaded, graph, report: CheckReport
     dist = float(np.linalg.norm(x.astype(np.float64) - y.astype(np.float64)))
     # minus the float32 rounding allowance of both outputs (the rule the lower bound itself uses): a pair
     # so close that rounding dominates its raw quotient proves nothing about the exact function
-    from lipverify.attack.rounding import OutputTolerance
+    from lipverify.graph.rounding import OutputTolerance
 
     allowance = OutputTolerance(graph)(both, out)
     quotient = max(float(np.linalg.norm(out[0] - out[1])) - float(allowance.sum()), 0.0) / dist if dist > 0 else 0.0
