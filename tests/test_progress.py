@@ -53,3 +53,24 @@ def test_silent_and_wrapped_callables():
     assert _exercise(wrapped) == [0, 1, 2, 3, 4] and calls == ["a loop", "stops early"]
     with make_progress(Console(file=io.StringIO()), quiet=True) as quiet:
         assert type(quiet) is Progress
+
+
+def test_what_is_nested_in_a_loop_prints_during_its_first_step_only():
+    buf = io.StringIO()
+    with LineProgress(Console(file=buf, width=200)) as progress:
+        steps = []
+        for pair in progress.track(range(45), "pairwise bounds", 45):
+            with progress.stage("bound: layerwise"):
+                for k in progress.track(range(3), "per-layer norms", 3):
+                    steps.append((pair, k))
+        for _ in progress.track(range(2), "after", 2):  # the next loop prints again
+            with progress.stage("inside after"):
+                pass
+    assert len(steps) == 135  # nothing nested is skipped, only its lines
+    lines = buf.getvalue().splitlines()
+    assert sum("per-layer norms: started" in l for l in lines) == 1
+    assert sum(l.startswith("lipverify: bound: layerwise: done in") for l in lines) == 1
+    assert lines[0] == "lipverify: pairwise bounds: started (45 steps)"
+    assert any(l.startswith("lipverify: pairwise bounds: 45/45 done in ") for l in lines)
+    assert sum(l == "lipverify: inside after ..." for l in lines) == 1
+    assert lines[-1].startswith("lipverify: after: 2/2 done in ")

@@ -75,7 +75,7 @@ class Graph:
     def forward(self, x: torch.Tensor, keep: bool = False) -> torch.Tensor | dict[str, torch.Tensor]:
         """Run the graph on a batch. With ``keep`` return every intermediate tensor."""
         values = {self.input_name: x}
-        remaining = self._last_use() if not keep else None
+        remaining = self.last_use() if not keep else None
         for i, n in enumerate(self.nodes):
             args = [values[a] for a in n.inputs]
             values[n.name] = n.op.forward(*args)
@@ -87,7 +87,8 @@ class Graph:
 
     __call__ = forward
 
-    def _last_use(self) -> dict[str, int]:
+    def last_use(self) -> dict[str, int]:
+        """Index of the last node that reads each tensor (for passes that drop tensors when done)."""
         last: dict[str, int] = {}
         for i, n in enumerate(self.nodes):
             for a in n.inputs:

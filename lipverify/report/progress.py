@@ -3,7 +3,9 @@
 ``BarProgress``: rich bars and spinners on a terminal (transient: they vanish when done).
 ``LineProgress``: when stderr is not a terminal (CI logs), a short line when a stage starts and
 one when it ends with its duration, and for a long loop a line now and then with the count done,
-so a log shows where the time goes. Both only display: the clock read here decides nothing.
+so a log shows where the time goes. Stages and loops inside a loop print their lines during the loop's
+first step only (what one step does and how long it takes), then nothing: one bound per class pair
+would otherwise print its own stages 45 times, and the loop's own lines count the steps. Both only display: the clock read here decides nothing.
 """
 
 from __future__ import annotations
@@ -65,6 +67,7 @@ class LineProgress(Progress):
     def __init__(self, console: Console):
         self.console = console
         self._status = ""
+        self._past_first = 0  # running loops past their first step: what is nested in them is silent
 
     def __enter__(self):
         return self
@@ -76,6 +79,9 @@ class LineProgress(Progress):
         self.console.print(f"{PREFIX} {text}", highlight=False, markup=False, soft_wrap=True)
 
     def track(self, iterable, description, total=None):
+        if self._past_first:
+            yield from iterable
+            return
         of = f"/{total}" if total is not None else ""
         self._line(f"{description}: started" + (f" ({total} steps)" if total is not None else ""))
         start = last = time.perf_counter()
@@ -84,15 +90,21 @@ class LineProgress(Progress):
             for item in iterable:
                 yield item
                 done += 1
+                if done == 1:
+                    self._past_first += 1
                 now = time.perf_counter()
                 if now - last >= LINE_EVERY_S:
                     last = now
                     self._line(f"{description}: {done}{of} ({now - start:.0f} s){self._detail()}")
         finally:  # also when the loop stops early
+            self._past_first -= done > 0
             self._line(f"{description}: {done}{of} done in {time.perf_counter() - start:.1f} s{self._detail()}")
 
     @contextlib.contextmanager
     def stage(self, name):
+        if self._past_first:
+            yield
+            return
         self._line(f"{name} ...")
         start = time.perf_counter()
         self._status = ""
