@@ -630,6 +630,41 @@ def test_certificate_binds_the_factory_code(tmp_path, monkeypatch):
         check_certificate(cert_path, tmp_path / "w.pt", factory="factory_a14:build")
 
 
+def test_certificate_binds_helper_code_that_forward_calls(tmp_path, monkeypatch):
+    """The factory's classes may be plain while forward calls a helper function of another module: its
+    source is part of the network too (editing the helper between certify and check changed the network
+    and the certificate stayed VALID)."""
+    (tmp_path / "helper_b1.py").write_text(
+        "import torch\n"
+        "def squash(x):\n"
+        "    return torch.tanh(x)\n")
+    (tmp_path / "factory_b1.py").write_text(
+        "import torch.nn as nn\n"
+        "import helper_b1\n"
+        "class Net(nn.Module):\n"
+        "    def __init__(self):\n"
+        "        super().__init__()\n"
+        "        self.a, self.b = nn.Linear(4, 6), nn.Linear(6, 2)\n"
+        "    def forward(self, x):\n"
+        "        return self.b(helper_b1.squash(self.a(x)))\n"
+        "def build():\n"
+        "    return Net()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import factory_b1
+
+    torch.manual_seed(4)
+    torch.save(factory_b1.build().state_dict(), tmp_path / "w.pt")
+    cert = certify(tmp_path / "w.pt", CertifyOptions(method="product", factory="factory_b1:build", lower_starts=2,
+                                                     lower_effort=0.25))
+    assert set(cert["model"]["architecture"]["factory_sources"]) == {"factory_b1", "helper_b1"}
+    cert_path = tmp_path / "c.json"
+    cert_path.write_text(json.dumps(cert))
+    check_certificate(cert_path, tmp_path / "w.pt", factory="factory_b1:build")
+    (tmp_path / "helper_b1.py").write_text((tmp_path / "helper_b1.py").read_text().replace("tanh(x)", "tanh(x) * 3"))
+    with pytest.raises(CertificateInvalid, match="factory_sources"):
+        check_certificate(cert_path, tmp_path / "w.pt", factory="factory_b1:build")
+
+
 def test_nearly_linear_activation_does_not_hang_lipsdp(tmp_path):
     """a09: LeakyRelu alpha = 0.999999 (slopes [0.999999, 1]) left the LipSDP barrier matrix numerically
     singular and the solver pushed rho off the wall by 1e-12 forever. It now stops; the certified value

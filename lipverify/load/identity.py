@@ -27,14 +27,15 @@ def architecture_identity(loaded: LoadedModel, factory: str | None = None) -> di
         identity["spec_sha256"] = hashlib.sha256(canonical.encode()).hexdigest()
     if factory:
         identity["factory"] = factory
-        identity["factory_sources"] = _module_sources(loaded, factory)
+        identity["factory_sources"] = _module_sources(loaded, {factory.split(":", 1)[0]})
     return identity
 
 
-def _module_sources(loaded: LoadedModel, factory: str) -> dict[str, str]:
-    """sha256 of the source file of the factory's module and of every module defining a class in the
-    built network (a helper module edited between certify and check changes the network)."""
-    names = {factory.split(":", 1)[0]}
+def _module_sources(loaded: LoadedModel, names: set[str]) -> dict[str, str]:
+    """sha256 of the source file of the given modules, of every module defining a class in the built network
+    and of every module whose functions its forward ran (a helper module edited between certify and check
+    changes the network)."""
+    names = set(names) | set(loaded.code_modules)
     if loaded.torch_module is not None:
         names |= {type(m).__module__ for m in loaded.torch_module.modules()}
     sources = {}

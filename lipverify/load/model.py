@@ -49,6 +49,7 @@ class LoadedModel:
     data_files: dict[str, str] = field(default_factory=dict)  # external data file -> sha256
     spec: dict | None = None
     graph_output: str | None = None  # the ONNX graph output certified (ONNX files; torch modules have one)
+    code_modules: tuple[str, ...] = ()  # Python modules whose functions a torch model's forward ran
 
 
 def sha256_file(path: Path) -> str:
@@ -287,9 +288,10 @@ def check_torch_semantics(module: torch.nn.Module, example: torch.Tensor, watch:
                     "(the exported ONNX softplus would hide the jump). Use a threshold of at least 15.")
 
 
-def torch_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> onnx.ModelProto:
+def torch_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...]) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     """Export a torch module to ONNX, refusing it unless the export computes what the module computes: every
-    call lipverify makes of forward (an eager call, the trace, the export) is watched (``torch_watch``)."""
+    call lipverify makes of forward (an eager call, the trace, the export) is watched (``torch_watch``).
+    Returns the ONNX model and the Python modules whose code forward ran."""
     example = torch.randn((2,) + tuple(input_shape))
     scripted = isinstance(module, torch.jit.ScriptModule)
     if scripted:  # its graph inlines its submodules
@@ -311,7 +313,8 @@ def _outermost_scripted(module: torch.nn.Module) -> list:
     return [m for child in module.children() for m in _outermost_scripted(child)]
 
 
-def _export_watched(module: torch.nn.Module, example: torch.Tensor, scripted: bool) -> onnx.ModelProto:
+def _export_watched(module: torch.nn.Module, example: torch.Tensor,
+                    scripted: bool) -> tuple[onnx.ModelProto, tuple[str, ...]]:
     input_shape = tuple(example.shape[1:])
     watch = ForwardWatch(module)
     with torch.no_grad():
@@ -345,7 +348,7 @@ def _export_watched(module: torch.nn.Module, example: torch.Tensor, scripted: bo
         raise UserInputError(f"could not trace the model on input shape {tuple(input_shape)}: "
                              f"{type(exc).__name__}: {exc}".split("\n")[0]) from exc
     _refuse_tracer_warnings(caught)
-    return onnx.load_from_string(buffer.getvalue())
+    return onnx.load_from_string(buffer.getvalue()), watch.code_modules()
 
 
 def _torch_reference(module: torch.nn.Module) -> Callable[[np.ndarray], np.ndarray]:
@@ -381,8 +384,9 @@ def _from_torch(path, fmt, module, input_shape, notes, sha, spec=None) -> Loaded
             raise UserInputError(f"{path}: the input shape is not stored in a {fmt} file; pass --input-shape "
                                  "(per sample, without the batch axis), e.g. --input-shape 1,28,28")
         notes.append(f"input shape {input_shape} inferred from the first weight matrix")
-    model = torch_to_onnx(module, input_shape)
-    return LoadedModel(path, fmt, sha, model, _torch_reference(module), tuple(input_shape), module, notes, spec=spec)
+    model, code_modules = torch_to_onnx(module, input_shape)
+    return LoadedModel(path, fmt, sha, model, _torch_reference(module), tuple(input_shape), module, notes, spec=spec,
+                       code_modules=code_modules)
 
 
 def load_torchscript(path: Path, input_shape=None) -> LoadedModel:

@@ -192,6 +192,11 @@ class ForwardWatch:
             "torch.onnx.is_in_onnx_export(), the type of x.shape[0], ...) or on earlier calls; refusing to "
             "certify a different function")])
 
+    def code_modules(self) -> tuple[str, ...]:
+        """Names of the Python modules whose (not trusted) functions the watched calls ran: their source is
+        part of the function the certificate is about."""
+        return tuple(sorted({str(g.get("__name__", "?")) for g, _ in self.namespaces.values()}))
+
     def check_state(self, what: str) -> None:
         now = module_state(self.module)
         changed = [k for k in self.state if now.get(k) != self.state[k]] + [k for k in now if k not in self.state]
