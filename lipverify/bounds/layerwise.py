@@ -678,7 +678,7 @@ class LayerwiseBound(BoundMethod):
         if logs:
             identity_value = fmt_up(certified["identity"])
             notes.append(f"layerwise: certified with the {label} scalings ({info['steps']} Adam steps, estimate "
-                         f"{info['start_estimate']} -> {info['final_estimate']}; identity scalings certify "
+                         f"{info['start_estimate']:.5g} -> {info['final_estimate']:.5g}; identity scalings certify "
                          f"{identity_value})")
         return BoundResult(method=self.name, value=value, layers=rows,
                            check="scaled per-layer norms in float64 (exact SVD / FFT-Gram) with rounding margin",
