@@ -21,6 +21,7 @@ from lipverify.bounds import METHODS, BoundContext, BoundResult, get_method
 from lipverify.budget import estimate_graph, estimate_model, guard
 from lipverify.errors import SoundnessError, UserInputError
 from lipverify.graph.build import build_graph
+from lipverify.graph.check import input_domain
 from lipverify.graph.ir import Graph
 from lipverify.graph.transform import select_output
 from lipverify.load import load_model
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
 # 1.1: every method entry carries the witness that `lipverify check` re-verifies. Later additions
 # (the `run` audit block, merge rows and `cumulative` in `layers`, data `sha256`) are new keys only.
 SCHEMA_VERSION = "1.1"
+DOMAIN_NOTE = 1e6  # a note when float32 overflow limits the inputs the certificate speaks of to below this
 REPORT_SUFFIXES = {".html": "html", ".htm": "html", ".md": "md", ".markdown": "md"}
 FAST_METHOD = "product"  # --fast: the certified bound that takes seconds even on large models
 
@@ -185,6 +187,7 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
         guard(estimate_model(loaded.onnx_model, loaded.input_shape), opts.budget_mem, "loading this model")
         graph, check = build_graph(loaded)
         guard(estimate_graph(graph), opts.budget_mem, "bounding this model")
+        domain = input_domain(graph)
     timings["extract_s"] = time.perf_counter() - t
     bounded = select_output(graph, opts.output) if opts.output is not None else graph
 
@@ -194,6 +197,9 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
     results: dict[str, BoundResult] = {}
     verification: dict[str, str] = {}
     notes = list(loaded.notes)
+    if domain < DOMAIN_NOTE:
+        notes.append(f"float32 intermediates of this model can overflow for inputs with some |x_i| > {domain:.6g}: "
+                     f"every certified number holds for inputs with all |x_i| <= {domain:.6g} (model.max_abs_input)")
     t = time.perf_counter()
     for name in names:
         # the first method (product under auto/all) always runs: a certificate always comes out
@@ -269,7 +275,9 @@ def certify(model_path, opts: CertifyOptions | None = None, track=None) -> dict:
         "model": {"path": str(Path(model_path)), "sha256": loaded.sha256, "format": loaded.format,
                   "input_shape": list(graph.input_shape), "output_shape": list(graph.output_shape),
                   "data_files": loaded.data_files, "graph_output": loaded.graph_output,
-                  "architecture": architecture_identity(loaded, opts.factory)},
+                  "architecture": architecture_identity(loaded, opts.factory),
+                  # the box on which no float32 intermediate can overflow: every number below holds on it
+                  "max_abs_input": domain},
         "method": best.method,
         "method_reason": why,
         "output": opts.output,

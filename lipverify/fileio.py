@@ -74,13 +74,34 @@ def write_json(path, obj) -> None:
     atomic_write_text(path, json.dumps(_jsonable(obj), indent=2) + "\n")
 
 
+class _DuplicateKey(Exception):
+    pass
+
+
+def _no_duplicate_keys(pairs: list) -> dict:
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise _DuplicateKey(repr(key))
+        obj[key] = value
+    return obj
+
+
+def _json_int(text: str):
+    """An integer literal; one too large for a float reads as +-inf (rejected as not finite where a number
+    is checked) instead of an OverflowError later."""
+    return int(text) if len(text.lstrip("-")) <= 300 else float("-inf" if text.startswith("-") else "inf")
+
+
 def read_json_object(path, what: str = "JSON file") -> dict:
     """A JSON object from ``path``, or a clear error (exit 2)."""
     path = Path(path)
     if not path.is_file():
         raise UserInputError(f"{path}: no such {what}")
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = json.loads(path.read_text(encoding="utf-8"), object_pairs_hook=_no_duplicate_keys, parse_int=_json_int)
+    except _DuplicateKey as exc:
+        raise UserInputError(f"{path}: not a {what} (the key {exc} appears twice: readers disagree on which counts)")
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise UserInputError(f"{path}: not a {what} ({type(exc).__name__})")
     except OSError as exc:

@@ -174,7 +174,7 @@ def logit_tolerances(graph, x_batches, logits: np.ndarray, labels: np.ndarray, L
 
     Returns (logit_tol, reach): pass both to compute_radii (``max_radius=reach``); reach is r0, capped
     where it is infinite (REACH_CAP), since no finite bound holds on an unbounded ball."""
-    from lipverify.graph.check import EPS32, TOL_FACTOR, magnitudes
+    from lipverify.graph.check import EPS32, OVERFLOW_LIMIT, TOL_FACTOR, magnitude_pass
 
     r0 = compute_radii(logits, labels, L_global, L_pair, []).radius / _RADIUS_ROUND_DOWN
     base = LOGIT_REL_TOL * (1.0 + float(np.abs(logits).max())) if len(logits) else 0.0
@@ -187,13 +187,16 @@ def logit_tolerances(graph, x_batches, logits: np.ndarray, labels: np.ndarray, L
         reach[start:start + k] = np.minimum(r0[start:start + k], cap)
         ball = torch.from_numpy(reach[start:start + k]).reshape((-1,) + (1,) * (x.dim() - 1))
         with torch.no_grad():
-            m = magnitudes(graph, x.abs() + ball).reshape(k, -1).amax(dim=1).numpy()
+            m, peak = magnitude_pass(graph, x.abs() + ball)
+        m = m.reshape(k, -1).amax(dim=1).numpy()
+        # where a float32 intermediate may overflow on the ball, the file's logits are unbounded there
+        m = np.where(peak.numpy() <= OVERFLOW_LIMIT, m, np.inf)
         out[start:start + k] = 2.0 * TOL_FACTOR * EPS32 * m
         start += k
     if start != len(logits):
         raise ValueError(f"logit_tolerances: {start} inputs for {len(logits)} logit rows")
     tol = _round_up_2_digits(np.maximum(out, base))
-    if not np.isfinite(tol).all():  # magnitudes overflow float64: nothing can be certified there
+    if not np.isfinite(tol).all():  # magnitudes overflow (float32 or float64): nothing can be certified there
         tol = np.where(np.isfinite(tol), tol, np.finfo(np.float64).max)
     return tol, reach
 

@@ -725,3 +725,100 @@ def test_check_refuses_a_lower_bound_from_a_pair_inside_the_rounding(tmp_path):
     path.write_text(json.dumps(forged))
     with pytest.raises(CertificateInvalid, match="rounding-corrected difference quotient"):
         check_certificate(path, FIXTURES / "mlp.onnx")
+
+
+# ------------------------------------------------------------------------------------------------
+# float32 underflow and overflow inside the file (the rounding rule was relative only)
+
+
+def _scale_chain(path, scales, activation=None):
+    nodes, inits, cur = [], {}, "x"
+    for k, s in enumerate(scales):
+        inits[f"s{k}"] = np.float32(s)
+        nodes.append(helper.make_node("Mul", [cur, f"s{k}"], [f"h{k}"]))
+        cur = f"h{k}"
+    if activation:
+        nodes.append(helper.make_node(activation, [cur], ["y"]))
+    else:
+        nodes.append(helper.make_node("Identity", [cur], ["y"]))
+    return make_onnx(path, nodes, inits, [2])
+
+
+@pytest.mark.parametrize("scales, activation", [((1e-32, 1e32), None),  # y = x, computed through subnormals
+                                                ((2.0**-106, 2.0**69, 2.0**69), "Tanh")])
+def test_underflow_that_is_scaled_back_up_is_refused(tmp_path, scales, activation):
+    """b1/b3: (x * 1e-32) * 1e32 is the identity for reals, L <= 1 was certified and check said VALID, but
+    the file returns 0 at x = 7.006492e-14 and 1.4e-13 one float32 step further (quotient 2e7); with a tanh
+    and data, a certified radius was broken inside it. A subnormal intermediate loses every digit."""
+    path = _scale_chain(tmp_path / "under.onnx", scales, activation)
+    if activation is None:
+        a, b = np.array([7.006492e-14, 0], np.float32), np.array([7.0064926e-14, 0], np.float32)
+        assert file_quotient(path, a, b) > 1e6
+    refused(path, "--method", "product", match="float32 underflow decides this model's outputs")
+
+
+def test_overflow_on_ordinary_inputs_is_refused(tmp_path):
+    """b2: tanh(x * 3.4e33 * 1e-20 * 5e-19) was certified L = 1.7e-5 (VALID in check); the file's x * 3.4e33
+    is inf from |x| = 1e5 on, tanh(inf) = 1, quotient 8.25 between two inputs 0.01 apart."""
+    path = _scale_chain(tmp_path / "over.onnx", (3.4e33, 1e-20, 5e-19), "Tanh")
+    a, b = np.array([100083.04, 0], np.float32), np.array([100083.05, 0], np.float32)
+    assert file_quotient(path, a, b) > 1e4 * 1.7e-5
+    refused(path, "--method", "product", match="may overflow")
+
+
+def test_certificate_states_the_box_without_overflow_and_check_recomputes_it(tmp_path):
+    """Overflow is possible for every network at some input, so every certified number is claimed on the box
+    |x_i| <= max_abs_input on which no float32 intermediate can overflow; certify notes a small box, check
+    refuses a larger claimed box or none."""
+    path = _scale_chain(tmp_path / "big.onnx", (1e31,), None)  # y = 1e31 x: overflow from |x| ~ 3e7 on
+    cert = certify(path, CertifyOptions(method="product", lower_starts=2, lower_effort=0.25))
+    box = cert["model"]["max_abs_input"]
+    assert box == 2.0 ** 17 and any("can overflow" in n for n in cert["notes"])
+    assert np.isfinite(file_outputs(path, np.full((1, 2), box, np.float32))).all()
+    honest = tmp_path / "c.json"
+    honest.write_text(json.dumps(cert))
+    check_certificate(honest, path)
+    for forged_box in (box * 2, None):
+        forged = copy.deepcopy(cert)
+        if forged_box is None:
+            del forged["model"]["max_abs_input"]
+        else:
+            forged["model"]["max_abs_input"] = forged_box
+        honest.write_text(json.dumps(forged))
+        with pytest.raises(CertificateInvalid, match="max_abs_input"):
+            check_certificate(honest, path)
+    fixture = certify(FIXTURES / "mlp.onnx", CertifyOptions(method="product", lower_starts=2, lower_effort=0.25))
+    assert fixture["model"]["max_abs_input"] > 1e30 and not any("can overflow" in n for n in fixture["notes"])
+
+
+def test_rounding_allowance_covers_subnormal_intermediates(tmp_path):
+    """Where underflow is too small to be refused, the allowance still covers it: y = (x * 1e-20) * 1e20 at
+    inputs whose product is subnormal, where the file is off by up to 70 %."""
+    from lipverify.graph.build import build_graph
+    from lipverify.graph.rounding import OutputTolerance
+    from lipverify.load import load_model
+
+    path = _scale_chain(tmp_path / "mild.onnx", (1e-20, 1e20), None)
+    graph, _ = build_graph(load_model(path))
+    x = np.array([[1e-25, 3e-26], [2.5e-26, -1e-27], [1e-30, 0.0], [7e-26, 7e-26]], np.float32)
+    f32 = file_outputs(path, x)
+    error = np.linalg.norm(f32 - x.astype(np.float64), axis=1)
+    assert error.max() > 1e-27  # the file really is off
+    assert (OutputTolerance(graph)(x, f32) >= error).all()
+
+
+@pytest.mark.parametrize("edit", ["duplicate key", "huge integer"])
+def test_malformed_certificate_numbers_are_refused_cleanly(tmp_path, edit):
+    """{"certified_bound": 0.5, "certified_bound": <honest>} was VALID (Python keeps the last key, another
+    reader the first); an integer like 10**400 crashed check with exit 3."""
+    cert = certify(FIXTURES / "mlp.onnx", CertifyOptions(method="product", lower_starts=2, lower_effort=0.25))
+    text = json.dumps(cert)
+    if edit == "duplicate key":
+        text = text.replace('"certified_bound": ', '"certified_bound": 0.5, "certified_bound": ', 1)
+    else:
+        text = text.replace(f'"certified_bound": {json.dumps(cert["certified_bound"])}',
+                            '"certified_bound": 1' + "0" * 400, 1)
+    path = tmp_path / "c.json"
+    path.write_text(text)
+    r = runner.invoke(app, ["check", str(path), str(FIXTURES / "mlp.onnx")])
+    assert r.exit_code in (1, 2) and "VALID: the certificate holds" not in r.output and "Traceback" not in r.output, r.output

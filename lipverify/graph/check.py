@@ -34,6 +34,10 @@ TOL_FACTOR = 64.0  # x eps32 x magnitude: measured worst 0.13 on the fixtures an
 SCALES = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3)
 SINGLE_SAMPLE_PROBES = 4  # probes also evaluated one at a time
 MAX_BREAKPOINT_NODES = 4
+# float32 underflow: a subnormal result errs by at most 2^-149 (2^-126 where denormals are flushed to zero)
+UNDERFLOW = 2.0 ** -126
+ELEMENTWISE_TERMS = 64  # float operations inside one elementwise activation that may underflow, generously
+OVERFLOW_LIMIT = 2.0 ** 120  # M beyond this: a float32 intermediate (max 2^128) may overflow
 CHUNK_BYTES = 256 * 2**20  # memory of one chunk of a magnitude pass (float64 tensors of its widest layer)
 
 
@@ -58,25 +62,81 @@ def samples_per_chunk(graph: Graph, budget_bytes: int | None = None) -> int:
 
 
 def magnitudes(graph: Graph, x: torch.Tensor) -> torch.Tensor:
-    """M >= the magnitudes of the terms summed into each output entry (float64).
+    """M >= the magnitudes of the terms summed into each output entry (float64), the scale of the file's
+    float32 rounding there (see ``magnitude_pass``)."""
+    return magnitude_pass(graph, x)[0]
+
+
+def _underflow_floor(graph: Graph, node) -> float:
+    """What one node adds to M for float32 underflow: an op whose result is subnormal (or flushed to zero)
+    errs by up to UNDERFLOW absolutely, once per term of an output entry (at most every input entry), and
+    later layers amplify it like any other error; the floor is in M's units (tolerance = TOL_FACTOR *
+    EPS32 * M)."""
+    terms = sum(math.prod(graph.shape_of(a)) for a in node.inputs) + ELEMENTWISE_TERMS
+    return terms * UNDERFLOW / (TOL_FACTOR * EPS32)
+
+
+def _underflow_floor_input() -> float:
+    """The input's floor: an input flushed to zero (denormals-are-zero) errs by its own |x| <= 2^-126."""
+    return UNDERFLOW / (TOL_FACTOR * EPS32)
+
+
+def magnitude_pass(graph: Graph, x: torch.Tensor, underflow: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M at the output, the largest M of any tensor in the graph) per sample, for inputs x.
+
+    M bounds the magnitudes of the terms summed into each entry (the graph run on |weights| and |x|,
+    ``Op.magnitude``), plus an absolute floor per node for float32 underflow: a relative rule alone
+    missed (x * 1e-32) * 1e32, whose subnormal intermediate loses every digit. The largest M bounds
+    every float32 intermediate of the file (a sum is at most the sum of its terms' magnitudes), so
+    where it exceeds OVERFLOW_LIMIT the file may overflow and nothing is claimed about its outputs.
 
     Streams the graph (a tensor is dropped after its last use) in chunks of samples: keeping every
-    layer of a large batch took 23 GB on a 5-conv MNIST CNN."""
+    layer of a large batch took 23 GB on a 5-conv MNIST CNN. ``underflow=False`` leaves the floors out
+    (only to measure how much they add)."""
     step = samples_per_chunk(graph)
     if len(x) > step:
-        return torch.cat([magnitudes(graph, x[i:i + step]) for i in range(0, len(x), step)])
+        parts = [magnitude_pass(graph, x[i:i + step], underflow) for i in range(0, len(x), step)]
+        return torch.cat([m for m, _ in parts]), torch.cat([p for _, p in parts])
     last_use = graph.last_use()
-    values, mags = {graph.input_name: x}, {graph.input_name: x.abs()}
+    m_in = x.abs() + (_underflow_floor_input() if underflow else 0.0)
+    values, mags = {graph.input_name: x}, {graph.input_name: m_in}
+    peak = m_in.reshape(len(x), -1).amax(dim=1) if x[0].numel() else torch.zeros(len(x), dtype=x.dtype)
     for i, n in enumerate(graph.nodes):
         if n.is_merge:
-            mags[n.name] = n.op.magnitude(*[mags[a] for a in n.inputs])
+            m = n.op.magnitude(*[mags[a] for a in n.inputs])
         else:
-            mags[n.name] = n.op.magnitude(mags[n.inputs[0]], values[n.inputs[0]])
+            m = n.op.magnitude(mags[n.inputs[0]], values[n.inputs[0]])
+        mags[n.name] = m = (m + _underflow_floor(graph, n)) if underflow else m
+        if m[0].numel():
+            peak = torch.maximum(peak, m.reshape(len(x), -1).amax(dim=1))
         values[n.name] = n.op.forward(*[values[a] for a in n.inputs])
         for a in set(n.inputs):
             if last_use.get(a) == i and a != graph.output:
                 del values[a], mags[a]
-    return mags[graph.output]
+    return mags[graph.output], peak
+
+
+def overflow_free(graph: Graph, x: torch.Tensor) -> torch.Tensor:
+    """Per sample: True where no float32 intermediate of the file can overflow at x."""
+    return magnitude_pass(graph, x)[1] <= OVERFLOW_LIMIT
+
+
+def input_domain(graph: Graph) -> float:
+    """The largest power of two R such that no float32 intermediate can overflow for any input with every
+    |x_i| <= R. M depends on |x| only and grows with it, so M at x = R (every entry) bounds M on the box.
+    Every certified number holds on this box: beyond it the file's float32 values may be inf."""
+    lo, hi = -126, 127
+    box = lambda k: torch.full((1,) + tuple(graph.input_shape), 2.0 ** k, dtype=torch.float64)  # noqa: E731
+    with torch.no_grad():
+        if not bool(overflow_free(graph, box(lo))[0]):
+            return 0.0
+        while lo < hi:  # bisection on the exponent
+            mid = (lo + hi + 1) // 2
+            if bool(overflow_free(graph, box(mid))[0]):
+                lo = mid
+            else:
+                hi = mid - 1
+    return 2.0 ** lo
 
 
 def probe_inputs(input_shape, seed: int = 0, data: np.ndarray | None = None) -> np.ndarray:
@@ -122,6 +182,25 @@ def breakpoint_probes(graph: Graph, seed: int = 0, per_node: int = 2) -> np.ndar
     return np.concatenate(out) if out else np.zeros((0,) + tuple(graph.input_shape))
 
 
+def _refuse_underflow_amplification(graph: Graph, x: torch.Tensor, mag: np.ndarray) -> None:
+    """Refuse a model whose rounding at ordinary inputs is decided by float32 underflow: there an intermediate
+    leaves the float32 range downwards and is scaled back up ((x * 1e-32) * 1e32 returns 0 or a multiple of
+    1e-13 for small x, steps no Lipschitz bound of the real function describes)."""
+    with torch.no_grad():
+        plain = magnitude_pass(graph, x, underflow=False)[0].numpy()
+    if not plain.size:
+        return
+    floors = (mag - plain).reshape(len(x), -1).max(axis=1)
+    scale = plain.reshape(len(x), -1).max(axis=1)
+    worst = int(np.argmax(floors - scale))
+    if floors[worst] > scale[worst]:
+        raise ExtractionMismatchError(
+            f"float32 underflow decides this model's outputs: on probe input {worst} its possible error "
+            f"({TOL_FACTOR * EPS32 * floors[worst]:.3g}) exceeds the ordinary rounding of the outputs "
+            f"({TOL_FACTOR * EPS32 * scale[worst]:.3g}) because an intermediate falls below the float32 range "
+            "(~1e-38) and is scaled back up; refusing to certify")
+
+
 def self_check(graph: Graph, reference: Callable[[np.ndarray], np.ndarray], seed: int = 0,
                data: np.ndarray | None = None) -> SelfCheck:
     x = probe_inputs(graph.input_shape, seed, data)
@@ -135,7 +214,14 @@ def self_check(graph: Graph, reference: Callable[[np.ndarray], np.ndarray], seed
     with torch.no_grad():
         xt = torch.from_numpy(x32.astype(np.float64))
         got = graph.forward(xt).numpy()
-        mag = magnitudes(graph, xt).numpy()
+        mag, peak = magnitude_pass(graph, xt)
+        mag = mag.numpy()
+    if not bool((peak <= OVERFLOW_LIMIT).all()):
+        k = int(torch.argmax(peak))
+        raise ExtractionMismatchError(
+            f"float32 intermediates of this model may overflow on probe input {k} (max |x_i| = "
+            f"{float(xt[k].abs().max()):.3g}; terms up to {float(peak[k]):.3g} inside): the file's outputs there "
+            "are not the network's; refusing to certify a model that cannot be evaluated on ordinary inputs")
     if got.shape != expected.shape and got.size == expected.size and len(got) == len(expected):
         expected = expected.reshape(got.shape)  # e.g. one number per sample, given an axis by the extraction
         singles = [one.reshape((1,) + got.shape[1:]) for one in singles]
@@ -144,6 +230,7 @@ def self_check(graph: Graph, reference: Callable[[np.ndarray], np.ndarray], seed
                                       f"{expected.shape[1:]}; refusing to certify")
     if not np.all(np.isfinite(expected)):
         raise ExtractionMismatchError("the model produces NaN/Inf on probe inputs; refusing to certify")
+    _refuse_underflow_amplification(graph, xt, mag)
     tol = TOL_FACTOR * EPS32 * mag + 1e-30
     for i, one in enumerate(singles):
         if one.shape != expected[i:i + 1].shape or not np.all(np.abs(one - expected[i:i + 1]) <= tol[i:i + 1]):

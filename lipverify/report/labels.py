@@ -7,6 +7,7 @@ KEY_LABELS = {
     # model
     "path": "File", "sha256": "SHA-256", "format": "Format", "input_shape": "Input shape",
     "output_shape": "Output shape", "data_files": "External data files (sha256)",
+    "max_abs_input": "Input domain (every |x_i| ≤; no float32 overflow inside)",
     # timings
     "load_s": "load model", "extract_s": "extract graph + self-check", "bound_s": "bound methods (all)",
     "lower_s": "sampled lower bound", "data_s": "radii on the data", "total_s": "total",

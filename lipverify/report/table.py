@@ -90,6 +90,9 @@ def summary_table(cert: dict) -> Table:
     table.add_row("model", Text(f"{cert['model']['path']} ({cert['model']['format']}, "
                                 f"input {tuple(cert['model']['input_shape'])})"))
     table.add_row("bounded map", target)
+    if cert["model"].get("max_abs_input") is not None:  # certificates before the domain was recorded lack it
+        table.add_row("input domain", f"every |x_i| ≤ {fmt_down(cert['model']['max_abs_input'])} "
+                                      "(no float32 overflow inside)")
     for name, value in sorted(cert["bounds"].items(), key=lambda kv: kv[1]):
         mark = "  ← certified" if name == cert["method"] else ""
         status = solver_status(cert.get("methods", {}).get(name, {}).get("solver") or {})

@@ -151,6 +151,7 @@ def check_certificate(cert_path, model_path, input_shape=None, spec=None, activa
     graph, check = build_graph(loaded)
     report.passed("graph re-extracted and self-checked",
                   f"max |graph - model| = {check['max_abs_diff']:.2g} on {check['samples']} probe inputs")
+    _check_domain(cert, graph, report)
     full_graph = graph
     if cert.get("output") is not None:
         graph = select_output(graph, int(cert["output"]))
@@ -178,6 +179,22 @@ def check_certificate(cert_path, model_path, input_shape=None, spec=None, activa
     _check_gates(cert, headline, data_ok, report)
     report.informational = [k for k in INFORMATIONAL if k.split("[")[0].split(".")[0] in cert]
     return report
+
+
+def _check_domain(cert: dict, graph, report: CheckReport) -> None:
+    """Every number is claimed on the box |x_i| <= max_abs_input, where no float32 intermediate can overflow:
+    the box must be recorded and no larger than the one recomputed from the graph."""
+    from lipverify.graph.check import input_domain
+
+    if "max_abs_input" not in cert["model"]:
+        raise CertificateInvalid("the certificate does not record the input domain (max_abs_input) its numbers hold "
+                                 "on: it was made by an older lipverify; certify the model again")
+    claimed = _number(cert["model"]["max_abs_input"], "model.max_abs_input")
+    domain = input_domain(graph)
+    if not claimed <= domain:
+        raise CertificateInvalid(f"model.max_abs_input {claimed!r} is larger than the box on which no float32 "
+                                 f"intermediate can overflow ({domain!r})")
+    report.passed("input domain", f"every |x_i| <= {claimed:.6g}: no float32 intermediate overflows there")
 
 
 def _check_lower(cert: dict, headline: float, loaded, graph, report: CheckReport) -> None:
