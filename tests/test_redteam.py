@@ -822,3 +822,13 @@ def test_malformed_certificate_numbers_are_refused_cleanly(tmp_path, edit):
     path.write_text(text)
     r = runner.invoke(app, ["check", str(path), str(FIXTURES / "mlp.onnx")])
     assert r.exit_code in (1, 2) and "VALID: the certificate holds" not in r.output and "Traceback" not in r.output, r.output
+
+
+def test_two_versions_of_the_default_opset_are_refused(tmp_path):
+    """opset_import ("", 17) and ("ai.onnx", 6) name one domain twice: lipverify read ops under 17 while
+    onnxruntime ran 6 (a Clip's opset-6 attributes read as the identity; the self-check caught that one)."""
+    path = make_onnx(tmp_path / "m.onnx", [helper.make_node("Relu", ["x"], ["y"])], {}, [3])
+    model = onnx.load(str(path))
+    model.opset_import.append(helper.make_opsetid("ai.onnx", 6))
+    onnx.save(model, str(path))
+    refused(path, "--method", "product", match="several opset versions")

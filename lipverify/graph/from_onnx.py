@@ -466,7 +466,11 @@ class NodeView:
 class OnnxExtractor:
     def __init__(self, model: onnx.ModelProto, input_shape: tuple[int, ...] | None = None, seed: int = 0):
         self.model = model
-        self.opset = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 13)
+        versions = sorted({int(o.version) for o in model.opset_import if o.domain in ("", "ai.onnx")})
+        if len(versions) > 1:  # "" and "ai.onnx" name the same domain: which version a runtime uses is not ours
+            raise UserInputError(f"the model imports the default ONNX domain at several opset versions {versions}; "
+                                 "an op's semantics depend on it: keep one entry")
+        self.opset = versions[0] if versions else 13
         self.input_name = model_input(model).name
         self.dtype = input_dtype(model)
         self.input_shape, self.batched, batches = input_layout(model, input_shape)
