@@ -85,6 +85,11 @@ BLOCK_DENSE, BLOCK_CONV = 16, 4  # block sizes of the warm-started subspace iter
 # ----------------------------------------------------------------------------------------------
 
 
+def _estimate(value) -> str:
+    """An uncertified estimate for a note (None where a budget cut stopped the steps before one)."""
+    return "none" if value is None else f"{value:.5g}"
+
+
 @dataclass
 class TensorScaling:
     """How the scaling of one tensor is obtained.
@@ -678,7 +683,7 @@ class LayerwiseBound(BoundMethod):
         if logs:
             identity_value = fmt_up(certified["identity"])
             notes.append(f"layerwise: certified with the {label} scalings ({info['steps']} Adam steps, estimate "
-                         f"{info['start_estimate']:.5g} -> {info['final_estimate']:.5g}; identity scalings certify "
+                         f"{_estimate(info['start_estimate'])} -> {_estimate(info['final_estimate'])}; identity scalings certify "
                          f"{identity_value})")
         return BoundResult(method=self.name, value=value, layers=rows,
                            check="scaled per-layer norms in float64 (exact SVD / FFT-Gram) with rounding margin",
