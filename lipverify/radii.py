@@ -151,7 +151,8 @@ def compute_radii(
     return RadiiResult(idx, y, prediction, margin, radius_global, radius_pairwise, radius, certified_at)
 
 
-TOLERANCE_RULE = ("per sample: 2 x 64 x eps32 x max_j M_j(|x| + r0), M = the graph on |weights| (the self-check's "
+TOLERANCE_RULE = ("per sample: 2 x F x eps32 x max_j M_j(|x| + r0) (F: the float32 operations rounding into an "
+                  "output, summed over the nodes), M = the graph on |weights| (the self-check's "
                   "rounding scale) over the ball of the radius before allowance r0; rounded up to 2 digits")
 REACH_CAP = 1e6  # an infinite radius (a class pair with L_yj = 0) is capped at 1e6 (1 + max|x|)
 
@@ -165,17 +166,18 @@ def logit_tolerances(graph, x_batches, logits: np.ndarray, labels: np.ndarray, L
     the exact function; the file's logits at x and at x + d each differ from it by their rounding.
     That error scales with the magnitudes of the terms summed inside the network, not with the logits
     (a network with large cancelling activations rounds far more than its outputs suggest), so the
-    bound is the self-check's rule TOL_FACTOR * eps32 * M with M = the graph run on |weights| and
+    bound is the self-check's rule F * eps32 * M (F = graph.check.tolerance_factor) with M = the graph run on |weights| and
     |x|, taken at |x| + r0 (elementwise), where r0 is the radius before any allowance: every point of
     the ball has |x + d| <= |x| + r0 in each coordinate and M is monotone in its input, so it covers
     x and every x + d. The margin's difference then moves by at most 4 such errors; compute_radii
-    subtracts 2 * logit_tol, hence logit_tol = 2 * TOL_FACTOR * eps32 * M. Rounded up to two
+    subtracts 2 * logit_tol, hence logit_tol = 2 * F * eps32 * M. Rounded up to two
     significant digits so that `lipverify check` recomputes the same value on another machine.
 
     Returns (logit_tol, reach): pass both to compute_radii (``max_radius=reach``); reach is r0, capped
     where it is infinite (REACH_CAP), since no finite bound holds on an unbounded ball."""
-    from lipverify.graph.check import EPS32, OVERFLOW_LIMIT, TOL_FACTOR, magnitude_pass
+    from lipverify.graph.check import EPS32, OVERFLOW_LIMIT, magnitude_pass, tolerance_factor
 
+    factor = tolerance_factor(graph)
     r0 = compute_radii(logits, labels, L_global, L_pair, []).radius / _RADIUS_ROUND_DOWN
     base = LOGIT_REL_TOL * (1.0 + float(np.abs(logits).max())) if len(logits) else 0.0
     out, reach = np.empty(len(logits)), np.empty(len(logits))
@@ -191,7 +193,7 @@ def logit_tolerances(graph, x_batches, logits: np.ndarray, labels: np.ndarray, L
         m = m.reshape(k, -1).amax(dim=1).numpy()
         # where a float32 intermediate may overflow on the ball, the file's logits are unbounded there
         m = np.where(peak.numpy() <= OVERFLOW_LIMIT, m, np.inf)
-        out[start:start + k] = 2.0 * TOL_FACTOR * EPS32 * m
+        out[start:start + k] = 2.0 * factor * EPS32 * m
         start += k
     if start != len(logits):
         raise ValueError(f"logit_tolerances: {start} inputs for {len(logits)} logit rows")

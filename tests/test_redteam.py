@@ -832,3 +832,94 @@ def test_two_versions_of_the_default_opset_are_refused(tmp_path):
     model.opset_import.append(helper.make_opsetid("ai.onnx", 6))
     onnx.save(model, str(path))
     refused(path, "--method", "product", match="several opset versions")
+
+
+# ------------------------------------------------------------------------------------------------
+# rounding measured on the graph as the file computes it, with a factor that counts the operations
+
+
+def _allowance_and_error(path, xs):
+    from lipverify.graph.build import build_graph
+    from lipverify.graph.rounding import OutputTolerance
+    from lipverify.load import load_model
+
+    graph, _ = build_graph(load_model(path))
+    x32 = np.asarray(xs, np.float32)
+    f32 = file_outputs(path, x32)
+    with torch.no_grad():
+        exact = graph.forward(torch.from_numpy(x32.astype(np.float64))).numpy().reshape(len(x32), -1)
+    error = np.linalg.norm(f32.reshape(len(x32), -1) - exact, axis=1)
+    return OutputTolerance(graph)(x32, f32), error, graph
+
+
+@pytest.mark.parametrize("form", ["mul after gemm", "gemm alpha"])
+def test_overflow_folded_away_by_the_rewrites_still_bounds_the_box(tmp_path, form):
+    """c1: Gemm(1e30 I) -> Mul 1e-30 -> Mul 1e-9 -> Tanh folds into one Dense of norm 1e-9, so the box and the
+    allowance never saw 1e30 x, which the file computes and overflows from |x| = 3.4e8 on (file 1.0 where
+    tanh(1e-9 x) = 0.33; a Gemm with alpha = 1e-30 returned inf inside the claimed box of 6.6e35)."""
+    if form == "gemm alpha":
+        nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1, alpha=1e-30),
+                 helper.make_node("Mul", ["h", "s2"], ["h3"]), helper.make_node("Tanh", ["h3"], ["y"])]
+    else:
+        nodes = [helper.make_node("Gemm", ["x", "w"], ["h"], transB=1), helper.make_node("Mul", ["h", "s"], ["h2"]),
+                 helper.make_node("Mul", ["h2", "s2"], ["h3"]), helper.make_node("Tanh", ["h3"], ["y"])]
+    path = make_onnx(tmp_path / "fold.onnx", nodes, {"w": np.eye(2) * 1e30, "s": np.float32(1e-30),
+                                                     "s2": np.float32(1e-9)}, [2])
+    cert = certify(path, CertifyOptions(method="product", lower_starts=2, lower_effort=0.25))
+    box = cert["model"]["max_abs_input"]
+    assert box < 3.4e8 and np.isfinite(file_outputs(path, np.full((1, 2), box, np.float32))).all()
+    t, error, _ = _allowance_and_error(path, [[3.41e8, 0.0]])
+    assert error[0] > 0.5 and not np.isfinite(t[0])  # outside the box: no allowance is claimed
+
+
+def test_allowance_counts_the_terms_of_a_long_dot_product(tmp_path):
+    """c2: one input 1 and 1999 inputs of 0.499 ulp(1) summed by a Gemm of ones: every addition rounds the same
+    way and the file is off by 1.5e-5, twice the fixed 64 eps M allowance; two such inputs (0.499 vs
+    0.501 ulp) were 32x the certified L apart. The allowance now counts the operations per output."""
+    n, u = 2000, 2.0 ** -23
+    path = make_onnx(tmp_path / "long.onnx", [helper.make_node("Gemm", ["x", "w"], ["y"], transB=1)],
+                     {"w": np.ones((1, n))}, [n])
+    xs = []
+    for d in (0.499, 0.501):
+        x = np.full(n, d * u, np.float32)
+        x[0] = 1.0
+        xs.append(x)
+    t, error, graph = _allowance_and_error(path, xs)
+    assert error.max() > 64 * 1.2e-7 * 1.0  # more than the old rule allowed
+    assert (t >= error).all()
+    cert = certify(path, CertifyOptions(method="product", lower_starts=2, lower_effort=0.25))
+    f = file_outputs(path, np.stack(xs))
+    quotient = (np.linalg.norm(f[0] - f[1]) - t.sum()) / np.linalg.norm(xs[0].astype(np.float64) - xs[1])
+    assert quotient <= cert["certified_bound"]
+
+
+def test_radius_of_a_function_that_is_its_own_rounding_is_zero(tmp_path):
+    """c3: z = s_K - x0 - (K/64) sum(tail) is 0 for reals (gradient 0: PGD has nothing to follow), but the file's
+    z is its accumulated rounding, whose sign flips when the tail entries cross half an ulp: a radius
+    of 8.5e-6 was certified and broken at 2.5e-6 (check --data: VALID)."""
+    from lipverify.data import DataSpec
+    from lipverify.robustness import DataOptions
+
+    K, n, u = 8, 256, 2.0 ** -23
+    nodes = [helper.make_node("Slice", ["x", "st0", "en0", "ax"], ["s0"]),
+             helper.make_node("Slice", ["x", "st1", "en1", "ax"], ["tail"])]
+    inits = {"st0": np.array([0]), "en0": np.array([1]), "st1": np.array([1]), "en1": np.array([n + 1]),
+             "ax": np.array([1]), "w": np.concatenate([[1.0], np.full(n, 1 / 64)])[None], "wr": np.full((1, n), K / 64),
+             "wf": np.array([[1.0], [0.0]])}
+    cur = "s0"
+    for k in range(K):
+        nodes += [helper.make_node("Concat", [cur, "tail"], [f"c{k}"], axis=1),
+                  helper.make_node("Gemm", [f"c{k}", "w"], [f"s{k + 1}"], transB=1)]
+        cur = f"s{k + 1}"
+    nodes += [helper.make_node("Sub", [cur, "s0"], ["a"]), helper.make_node("Gemm", ["tail", "wr"], ["r"], transB=1),
+              helper.make_node("Sub", ["a", "r"], ["z"]), helper.make_node("Gemm", ["z", "wf"], ["y"], transB=1)]
+    path = make_onnx(tmp_path / "own.onnx", nodes, inits, [n + 1])
+    x0 = np.full(n + 1, 64 * 0.48 * u, np.float32)
+    x0[0] = 1
+    x1 = x0.copy()
+    x1[1:] = np.float32(64 * 0.5001 * u)
+    assert file_outputs(path, x0[None]).argmax() != file_outputs(path, x1[None]).argmax()
+    np.savez(tmp_path / "d.npz", x=x0[None], y=np.array([1]))
+    cert = certify(path, CertifyOptions(method="product", lower_starts=2, lower_effort=0.25,
+                                        data=DataOptions(DataSpec(str(tmp_path / "d.npz")), eps=[1e-6])))
+    assert cert["data"]["radius_quantiles"]["median"] < np.linalg.norm(x1.astype(np.float64) - x0)

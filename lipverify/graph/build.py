@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 
 from lipverify.graph.check import self_check
@@ -13,6 +15,8 @@ from lipverify.graph.simplify import simplify
 def build_graph(loaded, data=None) -> tuple[Graph, dict]:
     """Extract, simplify and self-check the IR of a ``LoadedModel`` (``data``: samples to probe with too)."""
     graph = extract_onnx(loaded.onnx_model, loaded.input_shape)
+    as_file = copy.deepcopy(graph)
     graph = simplify(graph)
+    graph.as_file = as_file
     check = self_check(graph, loaded.reference, data=None if data is None else np.asarray(data))
     return graph, check.as_dict()

@@ -34,6 +34,11 @@ class Graph:
     input_shape: tuple[int, ...]  # per sample
     nodes: list[Node] = field(default_factory=list)
     output: str = ""
+    # The graph as extracted, before the exact rewrites (folds, merges) that tighten bounds: it does what
+    # the file does step by step, so float32 rounding and overflow are measured on it. ``output_rows``
+    # (a float64 matrix) then maps its flattened output to this graph's (selected logits, differences).
+    as_file: "Graph | None" = field(default=None, repr=False)
+    output_rows: torch.Tensor | None = field(default=None, repr=False)
 
     # -- structure -----------------------------------------------------------------------------
     def shape_of(self, name: str) -> tuple[int, ...]:

@@ -101,7 +101,7 @@ def gemm(v):
         v.unsupported(f"input of per-sample shape {v.in_shape(0)}")
     b = v.const(1, "weight").astype(np.float64)
     alpha, beta = float(v.attr("alpha", 1.0)), float(v.attr("beta", 1.0))
-    weight = alpha * (b if v.attr("transB", 0) else b.T)  # (out, in)
+    weight = b if v.attr("transB", 0) else b.T  # (out, in)
     bias = None
     if v.has_input(2):
         c = beta * v.const(2, "bias").astype(np.float64)
@@ -110,7 +110,10 @@ def gemm(v):
             v.unsupported(f"bias of shape {c.shape} varies along the batch axis")
         c = np.broadcast_to(c, (rows, weight.shape[0]) if c.ndim == 2 else (weight.shape[0],)).copy()
         bias = t64(c[0] if c.ndim == 2 and v.batched else c)
-    v.emit(Dense(t64(weight), bias))
+    if alpha == 1.0:
+        v.emit(Dense(t64(weight), bias))
+    else:  # the file scales the product afterwards (it may overflow first): simplify folds alpha in
+        v.emit(Dense(t64(weight)), Scale(t64(np.array(alpha))), *([Shift(bias)] if bias is not None else []))
 
 
 @converts("MatMul")

@@ -9,7 +9,8 @@ so we report (||f32(x) - f32(y)|| - t(x) - t(y)) / ||x - y|| with t(x) >= ||e(x)
 
     t_j(x) = min(A_j(x), MEASURED * |f32_j(x) - g_j(x)| + RELATIVE * eps32 * |f32_j(x)|).
 
-- A_j = TOL_FACTOR * eps32 * M_j(x) is an a-priori bound: M_j sums the magnitudes of the terms that
+- A_j = F * eps32 * M_j(x) is an a-priori bound (F = ``graph.check.tolerance_factor``: the float32
+  operations that round into an output, summed over the nodes): M_j sums the magnitudes of the terms that
   make up output j (the graph run on |weights| and |x|), the self-check's rule. It holds whatever the
   graph's values are (only magnitudes are taken from it), but compounds layer by layer and is far
   too loose for deep networks (1e5 on a 9-layer MLP whose outputs are ~10).
@@ -27,7 +28,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from lipverify.graph.check import EPS32, OVERFLOW_LIMIT, TOL_FACTOR, magnitude_pass, samples_per_chunk
+from lipverify.graph.check import EPS32, OVERFLOW_LIMIT, magnitude_pass, samples_per_chunk, tolerance_factor
 from lipverify.graph.ir import Graph
 
 # the self-check's factor and eps (a passing self-check sees less than a fifth of the factor)
@@ -55,7 +56,7 @@ class OutputTolerance:
             g = torch.cat([self.graph.forward(xt[i:i + step]) for i in range(0, len(xt), step)])
             g = g.reshape(len(xt), -1).numpy()
         f32 = np.asarray(f32, dtype=np.float64).reshape(len(xt), -1)
-        a_priori = TOL_FACTOR * EPS32 * m
+        a_priori = tolerance_factor(self.graph) * EPS32 * m
         measured = MEASURED * np.abs(f32 - g) + RELATIVE * EPS32 * np.abs(f32)
         per_output = np.minimum(a_priori, np.nan_to_num(measured, nan=np.inf)) + FLOOR
         t = np.sqrt((per_output ** 2).sum(axis=1))

@@ -21,11 +21,15 @@ def output_dim(graph: Graph) -> int:
 
 def select_rows(graph: Graph, rows: np.ndarray, label: str) -> Graph:
     """A copy of ``graph`` whose output is ``rows @ flatten(output)``; merged into the last dense map."""
-    g = copy.deepcopy(graph)
+    # the as-extracted graph is shared, not copied: it is read only (rounding), and large
+    g = copy.deepcopy(graph, memo={id(graph.as_file): graph.as_file} if graph.as_file is not None else None)
     rows = np.atleast_2d(np.asarray(rows, dtype=np.float64))
     m = output_dim(g)
     if rows.shape[1] != m:
         raise ValueError(f"selection has {rows.shape[1]} columns, output has {m} entries")
+    if graph.as_file is not None:
+        before = graph.output_rows if graph.output_rows is not None else torch.eye(m, dtype=torch.float64)
+        g.output_rows = torch.from_numpy(rows) @ before
     src = g.output
     if len(g.output_shape) != 1:
         g.nodes.append(Node(src + "::flat", Reshape((m,)), [src], (m,), "flatten output"))

@@ -53,6 +53,12 @@ class Op:
         per-output tolerance). Default: the op applied to ``m`` (right for maps with nonnegative weights)."""
         return self.forward(m)
 
+    def terms(self, in_shape: tuple[int, ...]) -> int:
+        """How many float32 operations round into one output entry (products and sums of a dot product,
+        the steps of an activation's formula): the rounding error of the op is at most about
+        terms * eps32 * magnitude, whatever order the file's kernel sums in. Default: an elementwise op."""
+        return 2
+
     def to(self, dtype: torch.dtype) -> "Op":
         """Cast stored tensors (weights) to ``dtype``; returns self."""
         for name, value in vars(self).items():
@@ -89,6 +95,10 @@ class MergeOp:
     def magnitude(self, *ms: torch.Tensor) -> torch.Tensor:
         """See ``Op.magnitude``; merges add (or concatenate) their inputs' magnitudes."""
         return self.forward(*ms)
+
+    def terms(self, in_shape: tuple[int, ...]) -> int:
+        """See ``Op.terms``; a merge adds (or places) its inputs."""
+        return self.arity
 
     def describe(self) -> str:
         return self.kind

@@ -31,6 +31,9 @@ class Conv(LinearOp):
         y = conv_apply(m, self.weight.abs(), self.stride, self.pads, self.dilation, self.groups)
         return _add_channel_bias(y, None if self.bias is None else self.bias.abs())
 
+    def terms(self, in_shape):
+        return 2 * int(self.weight[0].numel()) + 1  # (C / groups) * prod(kernel) products and sums, the bias
+
     def factor(self, in_shape, device="cpu") -> NormResult:
         from lipverify.norms.conv import conv_norm  # lazily: the verifier never runs norm methods
 
@@ -94,6 +97,9 @@ class ConvTranspose(LinearOp):
         finally:
             self.weight = w
         return _add_channel_bias(y, None if self.bias is None else self.bias.abs())
+
+    def terms(self, in_shape):
+        return 2 * int(self.weight.shape[0]) // self.groups * int(self.weight[0, 0].numel()) + 1
 
     def adjoint_conv(self, out_shape) -> tuple[Conv, tuple[int, ...]]:
         """(conv, its input shape) with ||conv|| >= ||this op|| (equal when every end pad >= output_padding)."""

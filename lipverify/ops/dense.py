@@ -35,6 +35,9 @@ class Dense(LinearOp):
         y = m @ self.weight.abs().T
         return y if self.bias is None else y + self.bias.abs()
 
+    def terms(self, in_shape):
+        return 2 * int(self.weight.shape[1]) + 1  # a product and a sum per input, the bias
+
     def describe(self) -> str:
         return f"Dense {self.weight.shape[1]}→{self.weight.shape[0]}"
 
@@ -58,6 +61,9 @@ class LeftMatMul(LinearOp):
 
     def magnitude(self, m, x):
         return torch.matmul(self.matrix.abs().to(m.dtype), m)
+
+    def terms(self, in_shape):
+        return 2 * int(self.matrix.shape[1])
 
     def describe(self) -> str:
         return f"LeftMatMul {self.matrix.shape[1]}→{self.matrix.shape[0]}"

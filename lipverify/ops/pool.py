@@ -84,6 +84,9 @@ class AvgPool(LinearOp):
         sums = self.window.window_sum(x, self.window.padded_pads(spatial))
         return sums / self._counts(spatial, x.dtype, x.device)
 
+    def terms(self, in_shape):
+        return 2 * math.prod(self.window.kernel) + 2  # the window's sum, the division by its count
+
     def factor(self, in_shape, device="cpu") -> NormResult:
         # lazily: the verifier runs ops but never their norm methods
         from lipverify.norms.conv import conv_norm
@@ -153,6 +156,9 @@ class Reduce(LinearOp):
         if self.mean:
             out = out / math.prod(x.shape[d] for d in dims)
         return out
+
+    def terms(self, in_shape):
+        return 2 * math.prod(int(in_shape[a]) for a in self.axes) + 2
 
     def factor(self, in_shape, device="cpu") -> NormResult:
         from lipverify.norms.margin import inflate  # lazily: the verifier never runs norm methods

@@ -20,5 +20,8 @@ class Softmax(Op):
         # outputs in [0, 1]; an input error e moves them by at most max e along the axis
         return torch.ones_like(m) + m.amax(dim=self.axis + 1, keepdim=True)
 
+    def terms(self, in_shape):
+        return 4 * int(in_shape[self.axis]) + 32  # exp per entry, their sum, a division
+
     def factor(self, in_shape, device="cpu"):
         return NormResult(upper=1.0, lower=0.0, method="1-Lipschitz (Gao & Pavel 2017)")
