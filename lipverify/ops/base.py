@@ -54,9 +54,10 @@ class Op:
         return self.forward(m)
 
     def terms(self, in_shape: tuple[int, ...]) -> int:
-        """How many float32 operations round into one output entry (products and sums of a dot product,
-        the steps of an activation's formula): the rounding error of the op is at most about
-        terms * eps32 * magnitude, whatever order the file's kernel sums in. Default: an elementwise op."""
+        """A count c with |rounding error| <= c * eps32 * magnitude for one output entry, whatever order the
+        file's kernel sums in: a dot product of n terms errs by at most gamma_n ~ n * eps32 / 2 of the sum
+        of its terms' magnitudes, so n + 2 holds it twice over; an activation's formula a few ulps per
+        step. Default: an elementwise op."""
         return 2
 
     def to(self, dtype: torch.dtype) -> "Op":

@@ -32,7 +32,7 @@ class Conv(LinearOp):
         return _add_channel_bias(y, None if self.bias is None else self.bias.abs())
 
     def terms(self, in_shape):
-        return 2 * int(self.weight[0].numel()) + 1  # (C / groups) * prod(kernel) products and sums, the bias
+        return int(self.weight[0].numel()) + 2  # (C / groups) * prod(kernel) terms (see Dense.terms), the bias
 
     def factor(self, in_shape, device="cpu") -> NormResult:
         from lipverify.norms.conv import conv_norm  # lazily: the verifier never runs norm methods
@@ -99,7 +99,7 @@ class ConvTranspose(LinearOp):
         return _add_channel_bias(y, None if self.bias is None else self.bias.abs())
 
     def terms(self, in_shape):
-        return 2 * int(self.weight.shape[0]) // self.groups * int(self.weight[0, 0].numel()) + 1
+        return int(self.weight.shape[0]) // self.groups * int(self.weight[0, 0].numel()) + 2
 
     def adjoint_conv(self, out_shape) -> tuple[Conv, tuple[int, ...]]:
         """(conv, its input shape) with ||conv|| >= ||this op|| (equal when every end pad >= output_padding)."""

@@ -36,7 +36,7 @@ class Dense(LinearOp):
         return y if self.bias is None else y + self.bias.abs()
 
     def terms(self, in_shape):
-        return 2 * int(self.weight.shape[1]) + 1  # a product and a sum per input, the bias
+        return int(self.weight.shape[1]) + 2  # n products and sums: gamma_n = n eps/2, twice over; the bias
 
     def describe(self) -> str:
         return f"Dense {self.weight.shape[1]}→{self.weight.shape[0]}"
@@ -63,7 +63,7 @@ class LeftMatMul(LinearOp):
         return torch.matmul(self.matrix.abs().to(m.dtype), m)
 
     def terms(self, in_shape):
-        return 2 * int(self.matrix.shape[1])
+        return int(self.matrix.shape[1]) + 2
 
     def describe(self) -> str:
         return f"LeftMatMul {self.matrix.shape[1]}→{self.matrix.shape[0]}"

@@ -85,7 +85,7 @@ class AvgPool(LinearOp):
         return sums / self._counts(spatial, x.dtype, x.device)
 
     def terms(self, in_shape):
-        return 2 * math.prod(self.window.kernel) + 2  # the window's sum, the division by its count
+        return math.prod(self.window.kernel) + 2  # the window's sum (see Dense.terms), the division
 
     def factor(self, in_shape, device="cpu") -> NormResult:
         # lazily: the verifier runs ops but never their norm methods
@@ -158,7 +158,7 @@ class Reduce(LinearOp):
         return out
 
     def terms(self, in_shape):
-        return 2 * math.prod(int(in_shape[a]) for a in self.axes) + 2
+        return math.prod(int(in_shape[a]) for a in self.axes) + 2
 
     def factor(self, in_shape, device="cpu") -> NormResult:
         from lipverify.norms.margin import inflate  # lazily: the verifier never runs norm methods
