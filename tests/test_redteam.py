@@ -923,3 +923,17 @@ def test_radius_of_a_function_that_is_its_own_rounding_is_zero(tmp_path):
     cert = certify(path, CertifyOptions(method="product", lower_starts=2, lower_effort=0.25,
                                         data=DataOptions(DataSpec(str(tmp_path / "d.npz")), eps=[1e-6])))
     assert cert["data"]["radius_quantiles"]["median"] < np.linalg.norm(x1.astype(np.float64) - x0)
+
+
+def test_allowance_covers_batchnorm_shifts_folded_in_float32(tmp_path):
+    """c4: onnxruntime folds BatchNorm's shift beta - mean * scale in float32; with beta = mean * scale the exact
+    shift cancels to ~0 and the allowance (m + |shift|) shrank to nothing near x = 0, while the file's constant
+    is off by 4e-10 at every input (ratio 1.3e5 at x = 0)."""
+    mean, var, eps = np.float32(0.01), np.float32(1.0), 1e-5
+    beta = np.float32(mean / np.sqrt(np.float64(var) + np.float32(eps)))
+    nodes = [helper.make_node("BatchNormalization", ["x", "s", "b", "m", "v"], ["y"], epsilon=eps)]
+    path = make_onnx(tmp_path / "bn.onnx", nodes, {"s": [1.0, 1.0], "b": [beta, beta], "m": [mean, mean],
+                                                   "v": [var, var]}, [2])
+    t, error, _ = _allowance_and_error(path, [[0.0, 0.0], [1e-6, -1e-6], [1e-3, 1e-3]])
+    assert error.max() > 1e-10
+    assert (t >= error).all()

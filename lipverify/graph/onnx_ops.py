@@ -237,7 +237,8 @@ def batchnorm(v):
     scale = gamma / np.sqrt(var + eps)
     shift = beta - mean * scale
     view = (-1,) + (1,) * (len(shape) - 1)
-    v.emit_nchw(Scale(t64(scale.reshape(view))), Shift(t64(shift.reshape(view))))
+    terms = np.abs(beta) + np.abs(mean * scale)  # onnxruntime folds the shift in float32: rounded at this scale
+    v.emit_nchw(Scale(t64(scale.reshape(view))), Shift(t64(shift.reshape(view)), t64(terms.reshape(view))))
 
 
 # ---------------------------------------------------------------------------------------------

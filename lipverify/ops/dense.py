@@ -101,14 +101,17 @@ class Shift(Op):
 
     kind = "Shift"
 
-    def __init__(self, shift: torch.Tensor):
+    def __init__(self, shift: torch.Tensor, terms_magnitude: torch.Tensor | None = None):
         self.shift = shift
+        # a constant the file computes from several terms (BatchNorm's beta - mean * scale, in float32) is
+        # rounded at the scale of those terms, which can be far above |shift| when they cancel
+        self.terms_magnitude = terms_magnitude
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.shift
 
     def magnitude(self, m, x):
-        return m + self.shift.abs()
+        return m + (self.shift.abs() if self.terms_magnitude is None else self.terms_magnitude)
 
     def factor(self, in_shape, device="cpu") -> NormResult:
         return NormResult(upper=1.0, lower=1.0, method="exact (translation)")
