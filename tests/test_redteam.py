@@ -608,6 +608,24 @@ def test_certificate_binds_the_spec_of_a_safetensors_file(tmp_path):
         check_certificate(cert_path, model, spec=str(tmp_path / "forged.json"))
 
 
+def _check_binds_factory_code(tmp_path, module: str, seed: int, sources: set, edited: str, old: str, new: str):
+    """Certify a state dict built by ``module:build``; check says VALID, then INVALID once ``edited`` changes."""
+    import importlib
+
+    torch.manual_seed(seed)
+    torch.save(importlib.import_module(module).build().state_dict(), tmp_path / "w.pt")
+    factory = f"{module}:build"
+    cert = certify(tmp_path / "w.pt", CertifyOptions(method="product", factory=factory, lower_starts=2,
+                                                     lower_effort=0.25))
+    assert set(cert["model"]["architecture"]["factory_sources"]) == sources
+    cert_path = tmp_path / "c.json"
+    cert_path.write_text(json.dumps(cert))
+    check_certificate(cert_path, tmp_path / "w.pt", factory=factory)
+    (tmp_path / edited).write_text((tmp_path / edited).read_text().replace(old, new))
+    with pytest.raises(CertificateInvalid, match="factory_sources"):
+        check_certificate(cert_path, tmp_path / "w.pt", factory=factory)
+
+
 def test_certificate_binds_the_factory_code(tmp_path, monkeypatch):
     """a14: a state dict's network comes from --factory code, which was not recorded either."""
     (tmp_path / "factory_a14.py").write_text(
@@ -615,19 +633,7 @@ def test_certificate_binds_the_factory_code(tmp_path, monkeypatch):
         "def build():\n"
         "    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import factory_a14
-
-    torch.manual_seed(3)
-    torch.save(factory_a14.build().state_dict(), tmp_path / "w.pt")
-    cert = certify(tmp_path / "w.pt", CertifyOptions(method="product", factory="factory_a14:build", lower_starts=2,
-                                                     lower_effort=0.25))
-    assert set(cert["model"]["architecture"]["factory_sources"]) == {"factory_a14"}
-    cert_path = tmp_path / "c.json"
-    cert_path.write_text(json.dumps(cert))
-    check_certificate(cert_path, tmp_path / "w.pt", factory="factory_a14:build")
-    (tmp_path / "factory_a14.py").write_text((tmp_path / "factory_a14.py").read_text().replace("Tanh", "Hardtanh"))
-    with pytest.raises(CertificateInvalid, match="factory_sources"):
-        check_certificate(cert_path, tmp_path / "w.pt", factory="factory_a14:build")
+    _check_binds_factory_code(tmp_path, "factory_a14", 3, {"factory_a14"}, "factory_a14.py", "Tanh", "Hardtanh")
 
 
 def test_certificate_binds_helper_code_that_forward_calls(tmp_path, monkeypatch):
@@ -650,19 +656,8 @@ def test_certificate_binds_helper_code_that_forward_calls(tmp_path, monkeypatch)
         "def build():\n"
         "    return Net()\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    import factory_b1
-
-    torch.manual_seed(4)
-    torch.save(factory_b1.build().state_dict(), tmp_path / "w.pt")
-    cert = certify(tmp_path / "w.pt", CertifyOptions(method="product", factory="factory_b1:build", lower_starts=2,
-                                                     lower_effort=0.25))
-    assert set(cert["model"]["architecture"]["factory_sources"]) == {"factory_b1", "helper_b1"}
-    cert_path = tmp_path / "c.json"
-    cert_path.write_text(json.dumps(cert))
-    check_certificate(cert_path, tmp_path / "w.pt", factory="factory_b1:build")
-    (tmp_path / "helper_b1.py").write_text((tmp_path / "helper_b1.py").read_text().replace("tanh(x)", "tanh(x) * 3"))
-    with pytest.raises(CertificateInvalid, match="factory_sources"):
-        check_certificate(cert_path, tmp_path / "w.pt", factory="factory_b1:build")
+    _check_binds_factory_code(tmp_path, "factory_b1", 4, {"factory_b1", "helper_b1"}, "helper_b1.py",
+                              "tanh(x)", "tanh(x) * 3")
 
 
 def test_nearly_linear_activation_does_not_hang_lipsdp(tmp_path):
