@@ -175,7 +175,7 @@ def logit_tolerances(graph, x_batches, logits: np.ndarray, labels: np.ndarray, L
 
     Returns (logit_tol, reach): pass both to compute_radii (``max_radius=reach``); reach is r0, capped
     where it is infinite (REACH_CAP), since no finite bound holds on an unbounded ball."""
-    from lipverify.graph.check import EPS32, OVERFLOW_LIMIT, magnitude_pass, tolerance_factor
+    from lipverify.graph.check import EPS32, fits_float32, magnitude_pass, tolerance_factor
 
     factor = tolerance_factor(graph)
     r0 = compute_radii(logits, labels, L_global, L_pair, []).radius / _RADIUS_ROUND_DOWN
@@ -192,7 +192,7 @@ def logit_tolerances(graph, x_batches, logits: np.ndarray, labels: np.ndarray, L
             m, peak = magnitude_pass(graph, x.abs() + ball)
         m = m.reshape(k, -1).amax(dim=1).numpy()
         # where a float32 intermediate may overflow on the ball, the file's logits are unbounded there
-        m = np.where(peak.numpy() <= OVERFLOW_LIMIT, m, np.inf)
+        m = np.where(fits_float32(peak).numpy(), m, np.inf)
         out[start:start + k] = 2.0 * factor * EPS32 * m
         start += k
     if start != len(logits):

@@ -69,18 +69,23 @@ def magnitudes(graph: Graph, x: torch.Tensor) -> torch.Tensor:
     return magnitude_pass(graph, x)[0]
 
 
+def _underflow_floor_unit() -> float:
+    """UNDERFLOW in M's units (tolerance = TOL_FACTOR * EPS32 * M at least)."""
+    return UNDERFLOW / (TOL_FACTOR * EPS32)
+
+
+def fits_float32(peak: torch.Tensor) -> torch.Tensor:
+    """Per sample, from ``magnitude_pass``'s largest M: True where no float32 intermediate can overflow."""
+    return peak <= OVERFLOW_LIMIT
+
+
 def _underflow_floor(graph: Graph, node) -> float:
     """What one node adds to M for float32 underflow: an op whose result is subnormal (or flushed to zero)
     errs by up to UNDERFLOW absolutely, once per term of an output entry (at most every input entry), and
     later layers amplify it like any other error; the floor is in M's units (tolerance = TOL_FACTOR *
     EPS32 * M)."""
     terms = sum(math.prod(graph.shape_of(a)) for a in node.inputs) + ELEMENTWISE_TERMS
-    return terms * UNDERFLOW / (TOL_FACTOR * EPS32)
-
-
-def _underflow_floor_input() -> float:
-    """The input's floor: an input flushed to zero (denormals-are-zero) errs by its own |x| <= 2^-126."""
-    return UNDERFLOW / (TOL_FACTOR * EPS32)
+    return terms * _underflow_floor_unit()
 
 
 def magnitude_pass(graph: Graph, x: torch.Tensor, underflow: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -104,7 +109,7 @@ def magnitude_pass(graph: Graph, x: torch.Tensor, underflow: bool = True) -> tup
         rows = graph.output_rows.abs().to(out.dtype)
         out = out.reshape(len(x), -1) @ rows.T
         if underflow:
-            out = out + rows.shape[1] * UNDERFLOW / (TOL_FACTOR * EPS32)
+            out = out + rows.shape[1] * _underflow_floor_unit()
         out = out.reshape((len(x),) + tuple(graph.output_shape))
     return out, peak
 
@@ -129,7 +134,8 @@ def tolerance_factor(graph: Graph) -> float:
 
 def _file_pass(graph: Graph, x: torch.Tensor, underflow: bool) -> tuple[torch.Tensor, torch.Tensor]:
     last_use = graph.last_use()
-    m_in = x.abs() + (_underflow_floor_input() if underflow else 0.0)
+    # an input flushed to zero (denormals-are-zero) errs by its own |x| <= UNDERFLOW
+    m_in = x.abs() + (_underflow_floor_unit() if underflow else 0.0)
     values, mags = {graph.input_name: x}, {graph.input_name: m_in}
     peak = m_in.reshape(len(x), -1).amax(dim=1) if x[0].numel() else torch.zeros(len(x), dtype=x.dtype)
     for i, n in enumerate(graph.nodes):
@@ -149,7 +155,7 @@ def _file_pass(graph: Graph, x: torch.Tensor, underflow: bool) -> tuple[torch.Te
 
 def overflow_free(graph: Graph, x: torch.Tensor) -> torch.Tensor:
     """Per sample: True where no float32 intermediate of the file can overflow at x."""
-    return magnitude_pass(graph, x)[1] <= OVERFLOW_LIMIT
+    return fits_float32(magnitude_pass(graph, x)[1])
 
 
 def input_domain(graph: Graph) -> float:
@@ -247,7 +253,7 @@ def self_check(graph: Graph, reference: Callable[[np.ndarray], np.ndarray], seed
         got = graph.forward(xt).numpy()
         mag, peak = magnitude_pass(graph, xt)
         mag = mag.numpy()
-    if not bool((peak <= OVERFLOW_LIMIT).all()):
+    if not bool(fits_float32(peak).all()):
         k = int(torch.argmax(peak))
         raise ExtractionMismatchError(
             f"float32 intermediates of this model may overflow on probe input {k} (max |x_i| = "
